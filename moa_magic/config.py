@@ -1,0 +1,333 @@
+"""Providers, presets, prices and run settings, read from TOML.
+
+The built-in providers and presets live in `builtin.toml` and go through the same loader as a user's
+file, so a new provider or preset is data, not code. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+BUILTIN = "built-in presets (moa_magic/builtin.toml)"
+MODEL_KEYS = {"model": str, "temperature": (int, float), "max_tokens": int, "system": str, "seed": int}
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An OpenAI-compatible chat-completions endpoint. The key is read from the env at call time."""
+
+    name: str
+    base_url: str
+    api_key_env: str | None = None
+    local: bool = False
+    models: tuple[str, ...] | None = None
+    price_provider: str | None = None
+    max_concurrency: int = 8
+    host_env: str | None = None
+    base_url_from_user: bool = False
+
+    @property
+    def embedded(self) -> bool:
+        return self.base_url.startswith("embedded:")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    def has_key(self) -> bool:
+        return not self.api_key_env or bool(self.api_key())
+
+    def url(self) -> str:
+        """Base URL after overrides: MOA_<NAME>_BASE_URL, then the config file, then e.g. OLLAMA_HOST."""
+        override = os.environ.get(f"MOA_{self.name.upper().replace('-', '_')}_BASE_URL")
+        if override:
+            return override.rstrip("/")
+        if self.host_env and not self.base_url_from_user and os.environ.get(self.host_env):
+            host = os.environ[self.host_env].strip().rstrip("/")
+            if "://" not in host:
+                host = f"http://{host}"
+            host = host.replace("://0.0.0.0", "://127.0.0.1")
+            return f"{host}/v1"
+        return self.base_url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One slot of a layer: a `provider:model` name plus optional per-call overrides."""
+
+    spec: str
+    temperature: float | None = None
+    max_tokens: int | None = None
+    system: str | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    layers: tuple[tuple[ModelEntry, ...], ...]
+    aggregator: ModelEntry
+    description: str = ""
+    temperature: float = 0.7
+    max_tokens: int = 512
+    system: str | None = None
+    aggregator_prompt: str | None = None
+    source: str = BUILTIN
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Fault handling knobs; `[settings]` in a config file."""
+
+    retries: int = 2
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 60.0
+    chunk_timeout: float = 60.0
+    call_timeout: float = 300.0
+    min_ok: int = 1
+    max_concurrency: int = 16
+    backoff_base: float = 0.5
+    backoff_max: float = 20.0
+
+
+@dataclass(frozen=True)
+class Config:
+    providers: dict[str, Provider]
+    presets: dict[str, Preset]
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)
+    default_preset: str = ""
+    auto_presets: tuple[str, ...] = ()
+    settings: RunSettings = RunSettings()
+    files: tuple[str, ...] = ()
+
+
+def user_config_path() -> Path | None:
+    """`$MOA_MAGIC_CONFIG`, else `./moa.toml`, else the user config dir; None when none exists."""
+    explicit = os.environ.get("MOA_MAGIC_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"MOA_MAGIC_CONFIG points to {path}, which is not a file.")
+        return path
+    here = Path("moa.toml")
+    if here.is_file():
+        return here
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA", Path.home()))
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    path = base / "moa-magic" / "moa.toml"
+    return path if path.is_file() else None
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Built-in data, then the user's file (an explicit `path` wins over the search)."""
+    import importlib.resources
+
+    builtin_text = importlib.resources.files(__package__).joinpath("builtin.toml").read_text("utf-8")
+    config = _merge(Config(providers={}, presets={}), _parse(builtin_text, BUILTIN), BUILTIN, user=False)
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist.")
+    else:
+        path = user_config_path()
+    if path is not None:
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file {path}: {exc.strerror}.") from None
+        config = _merge(config, _parse(text, str(path)), str(path), user=True)
+    return config
+
+
+def _parse(text: str, where: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}. Fix that line and run again.") from None
+
+
+TOP_KEYS = {"providers", "presets", "prices", "default_preset", "auto_presets", "settings"}
+PROVIDER_KEYS = {
+    "base_url": str, "api_key_env": str, "local": bool, "models": list,
+    "price_provider": str, "max_concurrency": int, "host_env": str,
+}
+PRESET_KEYS = {
+    "layers", "aggregator", "description", "temperature", "max_tokens", "system", "aggregator_prompt",
+}
+
+
+def _merge(config: Config, data: dict, where: str, user: bool) -> Config:
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(TOP_KEYS))}."
+        )
+    providers = dict(config.providers)
+    for name, table in _table(data, "providers", where).items():
+        providers[name] = _provider(name, table, where, providers.get(name), user)
+    presets = dict(config.presets)
+    for name, table in _table(data, "presets", where).items():
+        presets[name] = _preset(name, table, where)
+    prices = dict(config.prices)
+    for spec, table in _table(data, "prices", where).items():
+        prices[spec] = _price(spec, table, where)
+    settings = config.settings
+    settings_table = _table(data, "settings", where)
+    if settings_table:
+        settings = _settings(settings, settings_table, where)
+    default = data.get("default_preset", config.default_preset)
+    if not isinstance(default, str):
+        raise ConfigError(f"{where}: default_preset must be a preset name in quotes.")
+    auto = data.get("auto_presets", config.auto_presets)
+    if not isinstance(auto, (list, tuple)) or not all(isinstance(a, str) for a in auto):
+        raise ConfigError(f"{where}: auto_presets must be a list of preset names.")
+    return Config(
+        providers=providers,
+        presets=presets,
+        prices=prices,
+        default_preset=default,
+        auto_presets=tuple(auto),
+        settings=settings,
+        files=config.files + ((where,) if user else ()),
+    )
+
+
+def _table(data: dict, key: str, where: str) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{key}] must be a table, e.g. [{key}.NAME].")
+    for name, table in value.items():
+        if key != "settings" and not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{key}.{name}] must be a table of keys.")
+    return value
+
+
+def _check_keys(table: dict, allowed, where: str, section: str) -> None:
+    unknown = set(table) - set(allowed)
+    if unknown:
+        raise ConfigError(
+            f"{where}: [{section}] has unknown key(s) {', '.join(sorted(unknown))}; "
+            f"allowed: {', '.join(sorted(allowed))}."
+        )
+
+
+def _provider(name: str, table: dict, where: str, base: Provider | None, user: bool) -> Provider:
+    section = f"providers.{name}"
+    _check_keys(table, PROVIDER_KEYS, where, section)
+    for key, kind in PROVIDER_KEYS.items():
+        if key in table and not isinstance(table[key], kind):
+            raise ConfigError(f"{where}: [{section}] {key} must be of type {kind.__name__}.")
+    if ":" in name or not name:
+        raise ConfigError(f"{where}: [{section}] provider names cannot contain ':'.")
+    if base is None and "base_url" not in table:
+        raise ConfigError(
+            f"{where}: [{section}] needs base_url, e.g. base_url = \"http://localhost:8000/v1\"."
+        )
+    fields = dict(table)
+    if "models" in fields:
+        fields["models"] = tuple(fields["models"])
+    if "base_url" in fields:
+        url = fields["base_url"]
+        if not (url.startswith(("http://", "https://", "embedded:"))):
+            raise ConfigError(
+                f"{where}: [{section}] base_url must start with http:// or https://, got {url!r}."
+            )
+        fields["base_url_from_user"] = user
+    if "max_concurrency" in fields and fields["max_concurrency"] < 1:
+        raise ConfigError(f"{where}: [{section}] max_concurrency must be at least 1.")
+    return replace(base, **fields) if base else Provider(name=name, **fields)
+
+
+def _model_entry(value, where: str, section: str) -> ModelEntry:
+    if isinstance(value, str):
+        return ModelEntry(spec=value)
+    if isinstance(value, dict):
+        _check_keys(value, MODEL_KEYS, where, section)
+        if "model" not in value:
+            raise ConfigError(f"{where}: [{section}] a model table needs model = \"provider:model\".")
+        for key, kind in MODEL_KEYS.items():
+            if key in value and not isinstance(value[key], kind):
+                raise ConfigError(f"{where}: [{section}] {key} has the wrong type.")
+        fields = dict(value)
+        return ModelEntry(spec=fields.pop("model"), **fields)
+    raise ConfigError(
+        f"{where}: [{section}] a model must be \"provider:model\" or "
+        f"{{ model = \"provider:model\", temperature = 0.7 }}, got {value!r}."
+    )
+
+
+def _preset(name: str, table: dict, where: str) -> Preset:
+    section = f"presets.{name}"
+    _check_keys(table, PRESET_KEYS, where, section)
+    layers = table.get("layers")
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(layer, list) and layer for layer in layers)
+    ):
+        raise ConfigError(
+            f"{where}: [{section}] layers must be a non-empty list of non-empty model lists, "
+            f"e.g. layers = [[\"openai:gpt-4o-mini\", \"groq:llama-3.3-70b-versatile\"]]."
+        )
+    if "aggregator" not in table:
+        raise ConfigError(f"{where}: [{section}] needs aggregator = \"provider:model\".")
+    number = table.get("temperature", 0.7)
+    if not isinstance(number, (int, float)) or not 0 <= number <= 2:
+        raise ConfigError(f"{where}: [{section}] temperature must be a number from 0 to 2.")
+    tokens = table.get("max_tokens", 512)
+    if not isinstance(tokens, int) or tokens < 1:
+        raise ConfigError(f"{where}: [{section}] max_tokens must be a whole number of at least 1.")
+    for key in ("description", "system", "aggregator_prompt"):
+        if key in table and not isinstance(table[key], str):
+            raise ConfigError(f"{where}: [{section}] {key} must be a string.")
+    return Preset(
+        name=name,
+        layers=tuple(tuple(_model_entry(m, where, section) for m in layer) for layer in layers),
+        aggregator=_model_entry(table["aggregator"], where, section),
+        description=table.get("description", ""),
+        temperature=float(number),
+        max_tokens=tokens,
+        system=table.get("system"),
+        aggregator_prompt=table.get("aggregator_prompt"),
+        source=where,
+    )
+
+
+def _price(spec: str, table: dict, where: str) -> dict[str, float]:
+    section = f'prices."{spec}"'
+    _check_keys(table, {"input", "output"}, where, section)
+    if ":" not in spec:
+        raise ConfigError(f"{where}: [{section}] the key must be \"provider:model\".")
+    for key in ("input", "output"):
+        value = table.get(key)
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(
+                f"{where}: [{section}] needs {key} = USD per million tokens (a number >= 0)."
+            )
+    return {"input": float(table["input"]), "output": float(table["output"])}
+
+
+def _settings(current: RunSettings, table: dict, where: str) -> RunSettings:
+    allowed = {name: type(getattr(current, name)) for name in current.__dataclass_fields__}
+    _check_keys(table, allowed, where, "settings")
+    fields = {}
+    for key, value in table.items():
+        kind = allowed[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"{where}: [settings] {key} must be a number >= 0.")
+        if kind is int and not isinstance(value, int):
+            raise ConfigError(f"{where}: [settings] {key} must be a whole number.")
+        fields[key] = kind(value)
+    return replace(current, **fields)

@@ -1,0 +1,67 @@
+"""What the engine tells its listeners while a run goes on.
+
+Events carry the live `CallRecord` / `MoaResult` objects, so a renderer reads the current state
+(text so far, status, timings) from them and never needs its own copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+if TYPE_CHECKING:
+    from .result import CallRecord, MoaResult
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    result: MoaResult
+
+
+@dataclass(frozen=True)
+class CallStarted:
+    record: CallRecord
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    record: CallRecord
+    text: str
+
+
+@dataclass(frozen=True)
+class CallRetrying:
+    """The call's text so far is discarded; it starts again after `delay_s`."""
+
+    record: CallRecord
+    attempt: int
+    reason: str
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class CallFinished:
+    record: CallRecord
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    record: CallRecord
+
+
+@dataclass(frozen=True)
+class LayerFinished:
+    layer: int
+    records: list[CallRecord]
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    result: MoaResult
+
+
+Event = Union[
+    RunStarted, CallStarted, TextDelta, CallRetrying, CallFinished, CallFailed, LayerFinished,
+    RunFinished,
+]
+Listener = Callable[[Event], None]

