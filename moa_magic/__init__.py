@@ -1,0 +1,41 @@
+"""Mixture-of-Agents in Jupyter: `%load_ext moa_magic`, then a `%%moa` cell.
+
+Import stays light: the engine, aiohttp, encodings and price data load on first use.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "run": "runner",
+    "arun": "runner",
+    "last_result": "runner",
+    "load_config": "config",
+    "MoaResult": "result",
+    "CallRecord": "result",
+    "MoaError": "errors",
+    "MoaUserError": "errors",
+    "RunFailed": "errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__", "load_ipython_extension", "unload_ipython_extension"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moa_magic' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def load_ipython_extension(ipython):
+    from .magics import load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from .magics import unload
+
+    unload(ipython)

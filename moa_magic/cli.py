@@ -1,0 +1,63 @@
+"""The `moa` command: a thin front end over `moa_magic.run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .options import RUN_OPTIONS, run_options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moa",
+        description="Run a prompt through a layered Mixture-of-Agents and print the final answer.",
+    )
+    parser.add_argument("prompt", nargs="?", help="the prompt, or - to read it from standard input")
+    for flags, kwargs in RUN_OPTIONS:
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--list", action="store_true", help="list presets and providers, then exit")
+    parser.add_argument("--version", action="version", version=f"moa-magic {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import MoaUserError, RunFailed
+    from .runner import run
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list:
+            from .catalog import catalog_text
+            from .config import load_config
+
+            print(catalog_text(load_config(args.config)))
+            return 0
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        if prompt is None:
+            raise MoaUserError("No prompt given: `moa \"your question\"`, or `moa -` to read stdin.")
+        from .terminal import TerminalRenderer
+
+        renderer = TerminalRenderer(
+            progress=None if args.quiet else sys.stderr,
+            answer=None if args.json else sys.stdout,
+        )
+        result = run(prompt, listeners=[renderer], **run_options(args))
+    except MoaUserError as exc:
+        print(f"moa: {exc}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        if args.json and exc.result is not None:
+            print(json.dumps(exc.result.to_dict(), indent=2, ensure_ascii=False))
+        print(f"moa: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("moa: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    return 0

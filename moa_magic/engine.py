@@ -1,0 +1,208 @@
+"""The layered Mixture-of-Agents run: layers in sequence, the calls of a layer concurrently.
+
+The engine only emits events (see `events.py`); renderers, the magic and the CLI listen. It knows
+nothing of widgets or terminals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Iterable
+
+from . import client, method, prices, tokens
+from .config import Provider
+from .events import (
+    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
+    RunFinished, RunStarted, TextDelta,
+)
+from .plan import ModelCall, Plan
+from .result import CallRecord, MoaResult
+
+log = logging.getLogger("moa_magic")
+
+
+def new_result(plan: Plan, prompt: str) -> MoaResult:
+    """A result with a waiting record for every call, so a partial run is complete in shape."""
+
+    def record(call: ModelCall, layer: int, index: int, role: str) -> CallRecord:
+        return CallRecord(
+            layer=layer, index=index, model=call.spec, role=role, temperature=call.temperature,
+            max_tokens=call.max_tokens, seed=call.seed, tokens_approx=tokens.is_approximate(call.model),
+        )
+
+    return MoaResult(
+        prompt=prompt,
+        preset=plan.preset,
+        shape=plan.shape,
+        template=plan.template,
+        system=plan.system,
+        layers=[
+            [record(call, n, i, "proposer") for i, call in enumerate(layer)]
+            for n, layer in enumerate(plan.layers, start=1)
+        ],
+        aggregator=record(plan.aggregator, len(plan.layers) + 1, 0, "aggregator"),
+    )
+
+
+class Engine:
+    """Runs one plan. `user_prices` are the config file's `[prices]`, which win over bundled data."""
+
+    def __init__(self, plan: Plan, prompt: str, listeners: Iterable[Listener] = (),
+                 user_prices: dict | None = None):
+        self.plan = plan
+        self.listeners = list(listeners)
+        self.user_prices = user_prices or {}
+        # Created up front and filled in place: whoever holds it sees a partial run after a failure.
+        self.result = new_result(plan, prompt)
+
+    def emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a broken renderer must not break the run
+                log.exception("moa-magic listener %r failed on %s", listener, type(event).__name__)
+
+    async def run(self) -> MoaResult:
+        plan, result = self.plan, self.result
+        started = time.perf_counter()
+        self.emit(RunStarted(result))
+        try:
+            urls = await self._base_urls()
+            limits = self._limits()
+            outputs: list[str] = []
+            for number, (calls, records) in enumerate(zip(plan.layers, result.layers), start=1):
+                layer_start = time.perf_counter()
+                await asyncio.gather(*(
+                    self._call(call, record, outputs, urls, limits)
+                    for call, record in zip(calls, records)
+                ))
+                result.layer_seconds.append(time.perf_counter() - layer_start)
+                self.emit(LayerFinished(number, records))
+                succeeded = [r for r in records if r.ok]
+                if len(succeeded) < plan.settings.min_ok:
+                    result.aggregator.status = "skipped"
+                    for later in result.layers[number:]:
+                        for r in later:
+                            r.status = "skipped"
+                    failures = "; ".join(f"{r.model}: {r.error}" for r in records if not r.ok)
+                    result.status = "failed"
+                    result.error = (
+                        f"layer {number}: {len(succeeded)} of {len(records)} proposers succeeded, "
+                        f"fewer than min_ok={plan.settings.min_ok}; no aggregator call. {failures}"
+                    )
+                    return result
+                outputs = [r.text for r in succeeded]
+            layer_start = time.perf_counter()
+            await self._call(plan.aggregator, result.aggregator, outputs, urls, limits)
+            result.layer_seconds.append(time.perf_counter() - layer_start)
+            self.emit(LayerFinished(len(plan.layers) + 1, [result.aggregator]))
+            if result.aggregator.ok:
+                result.status = "done"
+            else:
+                result.status = "failed"
+                result.error = f"aggregator {result.aggregator.model} failed: {result.aggregator.error}"
+            return result
+        except asyncio.CancelledError:
+            result.status = "cancelled"
+            result.error = "interrupted"
+            for record in result.calls():
+                if record.status in ("waiting", "streaming"):
+                    record.status = "cancelled"
+            raise
+        except Exception as exc:
+            # Setup failures (e.g. the local server does not start) end the run, never the kernel.
+            result.status = "failed"
+            result.error = str(exc) or type(exc).__name__
+            return result
+        finally:
+            result.elapsed_s = time.perf_counter() - started
+            self.emit(RunFinished(result))
+
+    async def _base_urls(self) -> dict[str, str]:
+        urls = {}
+        for name, provider in self.plan.providers().items():
+            if provider.embedded:
+                from . import local
+
+                urls[name] = await asyncio.to_thread(local.ensure_server)
+            else:
+                urls[name] = provider.url()
+        return urls
+
+    def _limits(self) -> tuple[asyncio.Semaphore, dict[str, asyncio.Semaphore]]:
+        """Per-provider and overall limits, so many proposers do not trip a provider's rate limit."""
+        per_provider = {
+            name: asyncio.Semaphore(p.max_concurrency) for name, p in self.plan.providers().items()
+        }
+        return asyncio.Semaphore(self.plan.settings.max_concurrency), per_provider
+
+    async def _call(self, call: ModelCall, record: CallRecord, outputs: list[str], urls, limits) -> None:
+        overall, per_provider = limits
+        messages = method.with_references(
+            method.conversation(self.result.prompt, call.system), self.plan.template, outputs
+        )
+        body = {
+            "model": call.model,
+            "messages": messages,
+            "temperature": call.temperature,
+            "max_tokens": call.max_tokens,
+        }
+        if call.seed is not None:
+            body["seed"] = call.seed
+        async with overall, per_provider[call.provider.name]:
+            record.messages = messages
+            record.prompt_tokens = tokens.count_messages(call.model, messages)
+            record.status = "streaming"
+            record.started_at = time.time()
+            started = time.perf_counter()
+            self.emit(CallStarted(record))
+
+            def on_delta(text: str) -> None:
+                record.text += text
+                record.completion_tokens += tokens.count_text(call.model, text)
+                if record.ttft_s is None:
+                    record.ttft_s = time.perf_counter() - started
+                self.emit(TextDelta(record, text))
+
+            def on_retry(attempt: int, reason: str, delay: float) -> None:
+                record.text, record.completion_tokens, record.ttft_s = "", 0, None
+                record.retries.append(reason)
+                self.emit(CallRetrying(record, attempt, reason, delay))
+
+            try:
+                reply = await client.stream_chat(
+                    call.provider, urls[call.provider.name], body, self.plan.settings,
+                    on_delta, on_retry,
+                )
+            except client.CallError as exc:
+                self._fail(call, record, str(exc), started)
+                return
+            except Exception as exc:  # never let one call's surprise end the layer
+                log.exception("unexpected error in call %s", record.model)
+                self._fail(call, record, f"unexpected error: {type(exc).__name__}: {exc}", started)
+                return
+            record.latency_s = time.perf_counter() - started
+            record.attempts = reply.attempts
+            record.usage = reply.usage
+            record.completion_tokens = tokens.count_text(call.model, record.text)
+            self._price(call.provider, call.model, record)
+            record.status = "done"
+            self.emit(CallFinished(record))
+
+    def _fail(self, call: ModelCall, record: CallRecord, error: str, started: float) -> None:
+        record.latency_s = time.perf_counter() - started
+        record.status = "failed"
+        record.error = error
+        record.attempts = len(record.retries) + 1
+        if record.text:  # a stream that broke after output was billed for what it sent
+            self._price(call.provider, call.model, record)
+        else:
+            record.cost_usd, record.price_source = 0.0, "not billed (failed before any output)"
+        self.emit(CallFailed(record))
+
+    def _price(self, provider: Provider, model: str, record: CallRecord) -> None:
+        price = prices.price_for(provider, model, self.user_prices)
+        record.price_source = price.source
+        record.cost_usd = price.cost(record.input_tokens or 0, record.output_tokens)

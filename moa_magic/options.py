@@ -1,0 +1,29 @@
+"""The run options, defined once for both the `moa` command (argparse) and `%%moa` (magic_arguments)."""
+
+from __future__ import annotations
+
+RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
+    (("--preset",), dict(help="preset name (see `moa --list` / `%moa list`)")),
+    (("--config",), dict(metavar="FILE", help="config file (default: $MOA_MAGIC_CONFIG, ./moa.toml, user config dir)")),
+    (("-p", "--proposer"), dict(action="append", metavar="MODEL", dest="proposers",
+                                help="provider:model of a proposer; repeat for several; used in every proposer layer")),
+    (("-a", "--aggregator"), dict(metavar="MODEL", help="provider:model of the final aggregator")),
+    (("-l", "--layers"), dict(type=int, metavar="L", help="the paper's L: L-1 proposer layers, then the aggregator")),
+    (("-t", "--temperature"), dict(type=float, metavar="TEMP", help="sampling temperature for every call (0-2)")),
+    (("--max-tokens",), dict(type=int, metavar="N", help="max tokens per call")),
+    (("--system",), dict(metavar="TEXT", help="system prompt for every call")),
+    (("--aggregator-prompt",), dict(metavar="TEXT", help="replace the aggregate-and-synthesize prompt")),
+    (("--min-ok",), dict(type=int, metavar="N", help="proposers that must succeed for a layer to go on (default 1)")),
+]
+
+RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
+            "system", "aggregator_prompt", "min_ok")
+
+
+def run_options(namespace, **defaults) -> dict:
+    """The run() keyword arguments from a parsed namespace; unset flags fall back to `defaults`."""
+    chosen = {key: getattr(namespace, key, None) for key in RUN_KEYS}
+    for key, value in defaults.items():
+        if chosen.get(key) is None:
+            chosen[key] = value
+    return {key: value for key, value in chosen.items() if value is not None}

@@ -1,0 +1,156 @@
+"""`run()` and `arun()`: the Python API, usable from scripts, terminal IPython and Jupyter alike.
+
+Every run executes on one private worker thread with its own event loop. Jupyter's kernel already
+runs a loop in the main thread, where `asyncio.run()` fails; instead of patching that loop
+(nest-asyncio), we hand the coroutine to the worker loop and wait for it. The main thread stays
+free to receive KeyboardInterrupt (Ctrl-C, the kernel's stop button), and the worker loop keeps one
+aiohttp session alive across runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import threading
+from typing import Iterable
+
+from .config import Config, load_config
+from .errors import MoaUserError, RunFailed
+from .events import Listener
+from .plan import Plan, build_plan
+from .result import MoaResult
+
+CANCEL_GRACE_S = 1.0
+
+_last_result: MoaResult | None = None
+
+
+class _WorkerLoop:
+    """A daemon thread running an event loop, started on first use and stopped at exit."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or not self._thread.is_alive():
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=self._loop.run_forever, name="moa-magic-loop", daemon=True
+                )
+                self._thread.start()
+                atexit.register(self.stop)
+            return self._loop
+
+    def submit(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop())
+
+    def stop(self) -> None:
+        """Close the HTTP session and the loop; safe to call twice."""
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None or not thread.is_alive():
+            return
+        from . import client
+
+        try:
+            asyncio.run_coroutine_threadsafe(client.close_session(), loop).result(timeout=5)
+        except Exception:
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+
+
+worker = _WorkerLoop()
+
+
+def last_result() -> MoaResult | None:
+    """The last run's result, also a partial one after a failure or an interrupt."""
+    return _last_result
+
+
+def prepare(
+    prompt: str,
+    *,
+    config: Config | str | None = None,
+    preset: str | None = None,
+    proposers: list[str] | None = None,
+    aggregator: str | None = None,
+    layers: int | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    aggregator_prompt: str | None = None,
+    min_ok: int | None = None,
+) -> tuple[Plan, Config]:
+    """Check everything that can be checked before a request is sent."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise MoaUserError("The prompt is empty: give the question or instruction to answer.")
+    cfg = config if isinstance(config, Config) else load_config(config)
+    plan = build_plan(
+        cfg, preset=preset, proposers=proposers, aggregator=aggregator, layers=layers,
+        temperature=temperature, max_tokens=max_tokens, system=system,
+        aggregator_prompt=aggregator_prompt, min_ok=min_ok,
+    )
+    return plan, cfg
+
+
+def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = ()):
+    """Start a run on the worker loop: (engine, future, finished). The engine's result fills live."""
+    global _last_result
+    from .engine import Engine
+
+    engine = Engine(plan, prompt, listeners, cfg.prices)
+    _last_result = engine.result
+    finished = threading.Event()
+
+    async def guarded():
+        try:
+            return await engine.run()
+        finally:
+            finished.set()
+
+    return engine, worker.submit(guarded()), finished
+
+
+def wait(future: concurrent.futures.Future, finished: threading.Event) -> MoaResult:
+    """Block until the run ends; on KeyboardInterrupt cancel every request, then re-raise."""
+    try:
+        while True:
+            try:
+                return future.result(timeout=0.1)
+            except concurrent.futures.TimeoutError:
+                continue
+    except KeyboardInterrupt:
+        future.cancel()
+        finished.wait(CANCEL_GRACE_S)
+        raise
+
+
+def run(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaResult:
+    """Run a Mixture-of-Agents synchronously and return its result.
+
+    Options: preset, proposers, aggregator, layers (the paper's L), temperature, max_tokens, system,
+    aggregator_prompt, min_ok, config (a Config or a path). Raises RunFailed (with `.result`) when
+    no final answer came; `last_result()` holds the partial run after an interrupt too.
+    """
+    plan, cfg = prepare(prompt, **options)
+    _, future, finished = start(plan, cfg, prompt, listeners)
+    return _checked(wait(future, finished))
+
+
+async def arun(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaResult:
+    """`run()` for async code. Cancelling the awaiting task cancels every request."""
+    plan, cfg = prepare(prompt, **options)
+    _, future, _ = start(plan, cfg, prompt, listeners)
+    return _checked(await asyncio.wrap_future(future))
+
+
+def _checked(result: MoaResult) -> MoaResult:
+    if not result.ok:
+        raise RunFailed(f"No final answer: {result.error}", result)
+    return result

@@ -1,0 +1,75 @@
+"""Plain-text progress for terminals (the `moa` command and terminal IPython).
+
+Progress lines go to one stream (stderr for the CLI), the final answer streams to another. Model
+text is untrusted: escape sequences and control characters are removed before it is printed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TextIO
+
+from .events import (
+    CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished,
+    RunStarted, TextDelta,
+)
+from .format import call_summary, totals_line
+
+# CSI/OSC/other ESC sequences, then every C0/C1 control except tab and newline.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+class TerminalRenderer:
+    """A listener that prints progress per call and streams the aggregator's answer."""
+
+    def __init__(self, progress: TextIO | None, answer: TextIO | None):
+        """`progress` gets a line per event, `answer` the streamed final answer; None silences one."""
+        self.progress = progress
+        self.answer = answer
+        self._answer_started = False
+
+    def _line(self, text: str) -> None:
+        if self.progress is not None:
+            print(text, file=self.progress, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            r = event.result
+            self._line(f"moa · preset {r.preset} · {r.shape}")
+        elif isinstance(event, CallStarted):
+            rec = event.record
+            if rec.role == "aggregator":
+                self._line(f"  … aggregator {rec.model}")
+            else:
+                self._line(f"  … {rec.label} {rec.model}")
+        elif isinstance(event, TextDelta) and event.record.role == "aggregator":
+            if self.answer is not None:
+                if not self._answer_started:
+                    self._answer_started = True
+                    self._line("")
+                self.answer.write(terminal_safe(event.text))
+                self.answer.flush()
+        elif isinstance(event, CallRetrying):
+            rec = event.record
+            if rec.role == "aggregator" and self._answer_started:
+                self.answer.write("\n[retrying from scratch]\n")
+            self._line(
+                f"  ↻ {rec.label} {rec.model}: {terminal_safe(event.reason)}; "
+                f"retry {event.attempt} in {event.delay_s:.1f}s"
+            )
+        elif isinstance(event, (CallFinished, CallFailed)):
+            rec = event.record
+            if rec.role == "aggregator" and self._answer_started:
+                self.answer.write("\n")
+                self.answer.flush()
+            mark = "✓" if rec.ok else "✗"
+            self._line(f"  {mark} {rec.label} {terminal_safe(call_summary(rec))}")
+        elif isinstance(event, RunFinished):
+            r = event.result
+            status = "" if r.ok else f" · {r.status}: {terminal_safe(r.error or '')}"
+            self._line(f"{totals_line(r)}{status}")
