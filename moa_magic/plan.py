@@ -39,10 +39,13 @@ class Plan:
 
     @property
     def shape(self) -> str:
-        """The paper's L and the proposers per layer, e.g. '2 layers: 3 proposers + aggregator'."""
-        widths = sorted({len(layer) for layer in self.layers})
-        width = "/".join(str(w) for w in widths)
-        return f"{len(self.layers) + 1} layers: {width} proposers x {len(self.layers)} + aggregator"
+        """The paper's L and the proposers per layer, e.g. '3 layers: 2×6 proposers + aggregator'."""
+        widths = [len(layer) for layer in self.layers]
+        if len(set(widths)) == 1:
+            proposers = f"{len(widths)}×{widths[0]}" if len(widths) > 1 else str(widths[0])
+        else:
+            proposers = "+".join(str(w) for w in widths)
+        return f"{len(widths) + 1} layers: {proposers} proposers + aggregator"
 
     def calls(self) -> list[ModelCall]:
         return [call for layer in self.layers for call in layer] + [self.aggregator]
