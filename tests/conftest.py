@@ -1,0 +1,69 @@
+"""Shared fixtures.  The fake provider lives in tests/chat_server.py (ChatServer, Reply)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # `from chat_server import ChatServer, Reply`
+
+from chat_server import ChatServer, Reply  # noqa: E402
+
+__all__ = ["ChatServer", "Reply"]
+
+
+@pytest.fixture(autouse=True)
+def _no_real_keys(monkeypatch):
+    """Real provider keys and base-URL overrides never leak into a test."""
+    for name in list(os.environ):
+        if name.endswith("_API_KEY") or (name.startswith("MOA_") and name.endswith("_BASE_URL")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MOA_TEST_KEY", raising=False)
+
+
+@pytest.fixture
+def chat_server():
+    """A fresh fake OpenAI-compatible server for one test (stopped afterwards)."""
+    with ChatServer() as server:
+        yield server
+    assert not server.errors, f"the fake server itself failed: {server.errors!r}"
+
+
+@pytest.fixture(scope="session")
+def _shared_chat_server_session():
+    with ChatServer() as server:
+        yield server
+
+
+@pytest.fixture
+def shared_chat_server(_shared_chat_server_session):
+    """One server for the whole session, `.reset()` (no rules, no records) before each test."""
+    _shared_chat_server_session.reset()
+    yield _shared_chat_server_session
+    _shared_chat_server_session.reset()
+
+
+MOA_TOML = """\
+[providers.fake]
+base_url = "{url}"
+
+[providers.fakekey]
+base_url = "{url}"
+api_key_env = "MOA_TEST_KEY"
+
+[presets.fake]
+layers = [["fake:a", "fake:b", "fake:c"]]
+aggregator = "fake:agg"
+"""
+
+
+@pytest.fixture
+def moa_config(tmp_path, chat_server, monkeypatch) -> Path:
+    """A moa.toml pointing providers `fake` and `fakekey` at `chat_server`; MOA_MAGIC_CONFIG set."""
+    path = tmp_path / "moa.toml"
+    path.write_text(MOA_TOML.format(url=chat_server.url), "utf-8")
+    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
+    return path
