@@ -146,8 +146,14 @@ def run(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaRes
 async def arun(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaResult:
     """`run()` for async code. Cancelling the awaiting task cancels every request."""
     plan, cfg = prepare(prompt, **options)
-    _, future, _ = start(plan, cfg, prompt, listeners)
-    return _checked(await asyncio.wrap_future(future))
+    _, future, finished = start(plan, cfg, prompt, listeners)
+    try:
+        result = await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, finished.wait, CANCEL_GRACE_S)
+        raise
+    return _checked(result)
 
 
 def _checked(result: MoaResult) -> MoaResult:
