@@ -4,7 +4,7 @@
 
 Prints: server start-up time; time to first token and tokens/second of one streamed completion;
 wall time of N concurrent streamed completions (llama_cpp.server runs one at a time, so expect
-about N times the single figure). Tokens are counted as streamed content chunks (the server sends
+about N times the single figure); wall time and tokens/s of the whole `local` MoA preset. Tokens are counted as streamed content chunks (the server sends
 one per token and reports no usage in streams). EOS is suppressed with logit_bias so every
 completion really produces --tokens tokens.
 """
@@ -100,8 +100,22 @@ def main() -> None:
     print(f"server start-up: {startup:.2f} s  (url {url}, pid {info['pid']}, log {info['log_path']})")
     try:
         asyncio.run(run(args.tokens, args.concurrency))
+        moa_preset()
     finally:
         local.shutdown()
+
+
+def moa_preset() -> None:
+    """The whole `local` preset (3 proposers + aggregator) through the engine, one prompt."""
+    import moa_magic
+
+    t0 = time.perf_counter()
+    result = moa_magic.run("Give three tips for teaching fractions.", preset="local")
+    wall = time.perf_counter() - t0
+    out = sum(r.output_tokens for r in result.calls())
+    print(f"local preset MoA ({result.shape}): wall {wall:.2f} s, {out} output tokens, "
+          f"{out / wall:.1f} tok/s over the run; layers "
+          + ", ".join(f"{s:.2f}s" for s in result.layer_seconds))
 
 
 if __name__ == "__main__":

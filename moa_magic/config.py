@@ -34,6 +34,7 @@ class Provider:
     price_provider: str | None = None
     max_concurrency: int = 8
     host_env: str | None = None
+    start_hint: str = ""
     base_url_from_user: bool = False
 
     @property
@@ -160,7 +161,7 @@ def _parse(text: str, where: str) -> dict:
 TOP_KEYS = {"providers", "presets", "prices", "default_preset", "auto_presets", "settings"}
 PROVIDER_KEYS = {
     "base_url": str, "api_key_env": str, "local": bool, "models": list,
-    "price_provider": str, "max_concurrency": int, "host_env": str,
+    "price_provider": str, "max_concurrency": int, "host_env": str, "start_hint": str,
 }
 PRESET_KEYS = {
     "layers", "aggregator", "description", "temperature", "max_tokens", "system", "aggregator_prompt",

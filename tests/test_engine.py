@@ -376,3 +376,17 @@ def test_cli_exit_status_and_reason_on_failure(chat_server, moa_config):
     usage = run_cli("--preset", "nope", "x", env_config=moa_config)
     assert usage.returncode == 2 and "Unknown preset 'nope'" in usage.stderr
     assert "Traceback" not in usage.stderr
+
+
+def test_local_server_that_is_not_running_gets_a_clear_error(monkeypatch):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port that nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MOA_OLLAMA_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    with pytest.raises(RunFailed) as info:
+        moa_magic.run("hi", preset="ollama", min_ok=1)
+    error = info.value.result.layers[0][0].error
+    assert f"cannot connect to http://127.0.0.1:{port}/v1 (ollama)" in error
+    assert "ollama serve" in error
