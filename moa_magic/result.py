@@ -130,6 +130,27 @@ class MoaResult:
             "elapsed_s": self.elapsed_s,
         }
 
+    def layer_totals(self) -> list[dict]:
+        """Per layer (proposer layers, then the aggregator): calls, tokens and cost, as `totals()`."""
+        out = []
+        for number, records in enumerate([*self.layers, [self.aggregator]], start=1):
+            started = [r for r in records if r.status not in ("waiting", "skipped")]
+            costs = [r.cost_usd for r in started]
+            out.append({
+                "layer": number,
+                "role": records[0].role if records else "proposer",
+                "calls": len(started),
+                "ok": sum(r.ok for r in records),
+                "failed": sum(r.status == "failed" for r in records),
+                "input_tokens": sum(r.input_tokens or 0 for r in started),
+                "output_tokens": sum(r.output_tokens for r in started),
+                "tokens_approx": any(r.tokens_approx and r.usage is None for r in started),
+                "cost_usd": sum(c for c in costs if c is not None),
+                "cost_complete": all(c is not None for c in costs),
+                "elapsed_s": self.layer_seconds[number - 1] if number <= len(self.layer_seconds) else None,
+            })
+        return out
+
     def to_dict(self) -> dict:
         return {
             "final": self.final,
@@ -144,7 +165,24 @@ class MoaResult:
             "aggregator": self.aggregator.to_dict(),
             "layer_seconds": self.layer_seconds,
             "totals": self.totals(),
+            "layer_totals": self.layer_totals(),
         }
 
     def __str__(self) -> str:
         return self.final if self.ok else f"[{self.status}] {self.error or ''}".strip()
+
+    # Display in Jupyter / IPython (`_moa`, Out[n]); the renditions live in static.py.
+    def _repr_html_(self) -> str:
+        from .static import result_html
+
+        return result_html(self)
+
+    def _repr_markdown_(self) -> str:
+        from .static import result_markdown
+
+        return result_markdown(self)
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        from .static import result_text
+
+        printer.text("MoaResult(...)" if cycle else result_text(self))

@@ -1,0 +1,482 @@
+"""`%%moa` (run the cell as a prompt) and `%moa` (list, show, last, usage, help, version).
+
+Loading is light: this module imports IPython and traitlets only; the engine, aiohttp, ipywidgets
+and markdown-it load on the first run.
+
+Errors a user can fix (bad option, unknown preset/provider/model, missing key, empty cell, unknown
+`{{name}}`) are `UsageError`s raised before any request: IPython prints one line, no traceback.
+A run that ends without a final answer also ends in a one-line `UsageError` — after the tree and
+the static rendition show what happened and `_moa` holds the partial result. An interrupt
+(KeyboardInterrupt) cancels every request, marks the run cancelled in the tree, stores `_moa`, then
+re-raises so the kernel reports the interrupt.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import keyword
+import queue
+import re
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+
+from IPython.core import magic_arguments
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.display import display
+from traitlets import Bool, Float, Int, TraitError, Unicode, validate
+
+from .errors import MoaUserError
+from .options import RUN_OPTIONS, run_options
+
+SUBCOMMANDS = ("list", "show", "last", "usage", "help", "version")
+
+# {{ name }} / {{ name.attr.attr }}; \{{...}} is a literal {{...}}.
+_PLACEHOLDER = re.compile(r"(\\?)\{\{\s*([^{}\n]*?)\s*\}\}")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+class _AnyKey(dict):
+    def __missing__(self, key):
+        return ""
+
+
+def _argparse_help(kwargs: dict) -> dict:
+    """argparse %-formats help strings: a bare '%' (e.g. '%moa list') must become '%%'."""
+    text = kwargs.get("help")
+    if isinstance(text, str):
+        try:
+            text % _AnyKey()
+        except (ValueError, TypeError):
+            return dict(kwargs, help=text.replace("%", "%%"))
+    return kwargs
+
+
+def _with_run_options(func):
+    """Apply the shared RUN_OPTIONS (options.py) as magic_arguments, in their order."""
+    for flags, kwargs in reversed(RUN_OPTIONS):
+        func = magic_arguments.argument(*flags, **_argparse_help(kwargs))(func)
+    return func
+
+
+def interpolate(text: str, namespace: Mapping) -> str:
+    """Replace `{{name}}` / `{{ name.attr }}` with `str()` of the user's variable.
+
+    Single braces are left alone (code in prompts stays intact); `\\{{x}}` gives a literal `{{x}}`;
+    `{{...}}` that is not a (dotted) name, e.g. `{{#each}}` or `{{ a + b }}`, is left as written.
+    Nothing is evaluated: a name is looked up, then attributes (or mapping keys) one by one;
+    attributes starting with `_` are refused.
+    """
+
+    def substitute(match: re.Match) -> str:
+        escaped, expr = match.group(1), match.group(2)
+        if escaped:
+            return match.group(0)[1:]
+        if not _DOTTED.fullmatch(expr):
+            return match.group(0)
+        head, *attrs = expr.split(".")
+        if head not in namespace:
+            raise UsageError(
+                f"{{{{{expr}}}}}: there is no variable {head!r} in the notebook. Define it in a "
+                f"cell above, or write \\{{{{{expr}}}}} for literal braces."
+            )
+        value = namespace[head]
+        path = head
+        for attr in attrs:
+            if attr.startswith("_"):
+                raise UsageError(
+                    f"{{{{{expr}}}}}: attributes starting with '_' are not allowed in a prompt."
+                )
+            if hasattr(value, attr):
+                value = getattr(value, attr)
+            elif isinstance(value, Mapping) and attr in value:
+                value = value[attr]
+            else:
+                raise UsageError(
+                    f"{{{{{expr}}}}}: {path} ({type(value).__name__}) has no attribute or key {attr!r}."
+                )
+            path += f".{attr}"
+        return str(value)
+
+    return _PLACEHOLDER.sub(substitute, text)
+
+
+class _Pump:
+    """Text written by the run's worker thread, printed by the main thread.
+
+    ipykernel routes a thread's output by where the thread started (the first cell that ran
+    anything), so the worker never prints: it queues, and the waiting cell prints.
+    """
+
+    def __init__(self, target=None):
+        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._target = target
+
+    def write(self, text: str) -> int:
+        self._queue.put(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def __call__(self) -> None:
+        parts = []
+        while True:
+            try:
+                parts.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if parts:
+            target = self._target or sys.stdout
+            target.write("".join(parts))
+            target.flush()
+
+
+@magics_class
+class MoaMagics(Magics):
+    """Mixture-of-Agents magics. Defaults via `%config MoaMagics.<trait> = value`."""
+
+    preset = Unicode(
+        "",
+        help="Preset for %%moa cells without --preset. Empty: the config's default_preset, else the "
+        "first auto preset whose API key is set, else the embedded local model.",
+    ).tag(config=True)
+    temperature = Float(
+        None, allow_none=True,
+        help="Sampling temperature for every call, from 0 to 2. None: the preset's values.",
+    ).tag(config=True)
+    max_tokens = Int(
+        None, allow_none=True,
+        help="Max tokens per call, at least 1. None: the preset's values.",
+    ).tag(config=True)
+    system = Unicode(
+        None, allow_none=True, help="System prompt for every call. None: the preset's.",
+    ).tag(config=True)
+    config_file = Unicode(
+        "",
+        help="Path of a moa.toml. Empty: $MOA_MAGIC_CONFIG, ./moa.toml, then the user config dir.",
+    ).tag(config=True)
+    show_tree = Bool(
+        True,
+        help="Show the live widget tree in Jupyter. False: plain-text progress, then the static "
+        "rendition. Terminal IPython always prints plain text.",
+    ).tag(config=True)
+
+    @validate("temperature")
+    def _check_temperature(self, proposal):
+        value = proposal["value"]
+        if value is not None and not 0 <= value <= 2:
+            raise TraitError(
+                f"MoaMagics.temperature must be a number from 0 to 2 (or None for the preset's "
+                f"value), got {value!r}."
+            )
+        return value
+
+    @validate("max_tokens")
+    def _check_max_tokens(self, proposal):
+        value = proposal["value"]
+        if value is not None and value < 1:
+            raise TraitError(
+                f"MoaMagics.max_tokens must be a whole number of at least 1 (or None for the "
+                f"preset's value), got {value!r}."
+            )
+        return value
+
+    @validate("preset")
+    def _check_preset(self, proposal):
+        value = proposal["value"].strip()
+        if value and not re.fullmatch(r"[A-Za-z0-9_.\-]+", value):
+            raise TraitError(
+                f"MoaMagics.preset must be a preset name like 'local' or 'openai' (see `%moa list`), "
+                f"or '' for the default, got {proposal['value']!r}."
+            )
+        return value
+
+    @validate("config_file")
+    def _check_config_file(self, proposal):
+        value = proposal["value"].strip()
+        if value and not Path(value).expanduser().is_file():
+            raise TraitError(
+                f"MoaMagics.config_file must be the path of an existing moa.toml, or '' to search "
+                f"the usual places; {value!r} is not a file."
+            )
+        return value
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.last_tree = None  # the last run's TreeRenderer (widget mode), for inspection
+
+    # --- %%moa -----------------------------------------------------------------------------------
+
+    @no_var_expand
+    @magic_arguments.magic_arguments(name="%moa")
+    @_with_run_options
+    @magic_arguments.argument(
+        "--out", metavar="NAME",
+        help="also store the result in this variable (the last result is always in _moa)",
+    )
+    @cell_magic("moa")
+    def moa_cell(self, line, cell):
+        """Run the cell as a prompt through a Mixture-of-Agents: proposers, then an aggregator.
+
+        %%moa [options]
+        Your question. {{name}} inserts the variable `name` ({{ obj.attr }} works too);
+        single braces stay as written, \\{{x}} is a literal {{x}}.
+
+        A live tree shows every layer and proposer as they stream; the final answer streams below
+        it, and a static copy (Markdown/HTML) follows for saved notebooks. The result is in `_moa`
+        (and in --out NAME): `_moa.final`, `_moa.layers`, `_moa.totals()`, `_moa.to_dict()`.
+        Defaults: %config MoaMagics.preset / temperature / max_tokens / system / config_file /
+        show_tree; flags win. Other commands: %moa list | show PRESET | last | usage | help | version.
+        """
+        args = self._parse(line)
+        if args is None:  # --help was printed
+            return None
+        if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
+            raise UsageError(f"--out needs a Python variable name, got {args.out!r}.")
+        # blank lines around the prompt are layout, not content (indentation of the first line is kept)
+        prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
+        options = run_options(args, **self._defaults())
+        dry_run = bool(options.pop("dry_run", None) or getattr(args, "dry_run", False))
+
+        from . import runner
+
+        if dry_run:
+            estimate = getattr(runner, "estimate_run", None)
+            if estimate is None:
+                raise UsageError("--dry-run is not available in this version of moa-magic.")
+            try:
+                display(estimate(prompt, **options))
+            except MoaUserError as exc:
+                raise UsageError(str(exc)) from None
+            return None
+        try:
+            plan, cfg = runner.prepare(prompt, **options)
+        except MoaUserError as exc:
+            raise UsageError(str(exc)) from None
+        self._run(plan, cfg, prompt, args.out)
+        return None
+
+    def _parse(self, line: str):
+        from IPython.utils.process import arg_split
+
+        try:
+            # posix splitting, so `--system "Be brief."` loses its quotes (magic_arguments'
+            # own parse_argstring keeps them); Windows uses CommandLineToArgvW rules.
+            argv = arg_split(line, posix=not sys.platform.startswith("win"), strict=True)
+            return self.moa_cell.parser.parse_args(argv)
+        except UsageError as exc:
+            usage = textwrap.dedent(self.moa_cell.parser.format_usage().replace("::", "", 1)).strip()
+            raise UsageError(f"{exc}\n{usage}\n(see %%moa? for every option)") from None
+        except SystemExit:  # -h/--help: argparse printed the help already
+            return None
+        except ValueError as exc:  # unbalanced quotes in the line
+            raise UsageError(f"Cannot read the options: {exc}.") from None
+
+    def _defaults(self) -> dict:
+        chosen = {
+            "preset": self.preset or None,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "system": self.system,
+            "config": self.config_file or None,
+        }
+        return {k: v for k, v in chosen.items() if v is not None}
+
+    def _frontend(self) -> str:
+        """'widgets' (a Jupyter kernel with show_tree), 'text' (a kernel, no tree) or 'terminal'."""
+        if getattr(self.shell, "kernel", None) is None:
+            return "terminal"
+        if not self.show_tree:
+            return "text"
+        try:
+            import ipywidgets  # noqa: F401
+        except ImportError:
+            return "text"
+        return "widgets"
+
+    def _run(self, plan, cfg, prompt: str, out: str | None) -> None:
+        from . import runner
+        from .static import StaticRun
+        from .terminal import TerminalRenderer
+
+        frontend = self._frontend()
+        pump = _Pump()
+        tree = None
+        if frontend == "widgets":
+            from .widgets import TreeRenderer
+
+            tree = TreeRenderer.for_plan(plan)
+            self.last_tree = tree
+            display(tree.widget)
+            listener = tree
+        else:
+            # terminal: progress and the streamed answer; a kernel without tree: progress only,
+            # the answer comes as the static rendition (rendered Markdown).
+            listener = TerminalRenderer(progress=pump, answer=pump if frontend == "terminal" else None)
+
+        engine, future, finished = runner.start(plan, cfg, prompt, [listener])
+        result = engine.result
+        interrupted = False
+        try:
+            _wait(future, finished, pump)
+        except KeyboardInterrupt:
+            interrupted = True
+            if result.status == "running":  # the engine did not get to mark it within the grace
+                result.status, result.error = "cancelled", "interrupted"
+            raise
+        finally:
+            pump()
+            if tree is not None:
+                tree.close(status=result.status if interrupted else None)
+            self.shell.user_ns["_moa"] = result
+            if out:
+                self.shell.user_ns[out] = result
+            if frontend != "terminal":
+                display(StaticRun(result))
+            elif interrupted:
+                print("\n[cancelled] the partial result is in _moa", flush=True)
+        if not result.ok:
+            raise UsageError(
+                f"No final answer ({result.status}): {result.error or 'unknown error'}. "
+                f"The partial run is in _moa."
+            )
+
+    # --- %moa ------------------------------------------------------------------------------------
+
+    @no_var_expand
+    @line_magic("moa")
+    def moa_line(self, line):
+        """%moa list | show [PRESET] | last | usage | help | version
+
+        list      presets and providers, each provider with whether its API key env var is set
+        show P    a preset's layers, models, parameters and aggregator prompt (default: the default)
+        last      display the last run's result again (also a partial one)
+        usage     tokens and cost of this session's runs
+        help      this text and every %%moa option
+        version   the moa-magic version
+
+        A prompt goes in a cell: %%moa [options] on the first line, the prompt below (see %%moa?).
+        """
+        words = line.strip().split(maxsplit=1)
+        command = words[0] if words else "help"
+        rest = words[1].strip() if len(words) > 1 else ""
+        if command not in SUBCOMMANDS:
+            hint = ""
+            if command.startswith("-") or len(line.split()) > 2:
+                hint = " To run a prompt use the cell magic: %%moa [options] on the first line, the prompt below."
+            raise UsageError(
+                f"Unknown %moa command {command!r}; valid: {', '.join(SUBCOMMANDS)}.{hint}"
+            )
+        return getattr(self, f"_cmd_{command}")(rest)
+
+    def _config(self):
+        from .config import load_config
+
+        try:
+            return load_config(self.config_file or None)
+        except MoaUserError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _cmd_list(self, rest: str) -> None:
+        from .static import catalog_view
+
+        display(catalog_view(self._config()))
+
+    def _cmd_show(self, rest: str) -> None:
+        from .plan import default_preset_name
+        from .static import preset_view
+
+        cfg = self._config()
+        try:
+            name = rest or self.preset or default_preset_name(cfg)
+        except MoaUserError as exc:
+            raise UsageError(str(exc)) from None
+        preset = cfg.presets.get(name)
+        if preset is None:
+            raise UsageError(
+                f"Unknown preset {name!r}. Presets: {', '.join(sorted(cfg.presets))}."
+            )
+        overrides = {k: getattr(self, k) for k in ("temperature", "max_tokens", "system")
+                     if getattr(self, k) is not None}
+        display(preset_view(name, preset, overrides))
+
+    def _cmd_last(self, rest: str) -> None:
+        from .static import StaticRun
+
+        result = self.shell.user_ns.get("_moa")
+        if result is None and "moa_magic.runner" in sys.modules:
+            result = sys.modules["moa_magic.runner"].last_result()
+        if result is None:
+            raise UsageError("No run yet in this session: run a %%moa cell first.")
+        display(StaticRun(result))
+
+    def _cmd_usage(self, rest: str) -> None:
+        import importlib
+        import importlib.util
+
+        if importlib.util.find_spec(f"{__package__}.usage") is None:
+            raise UsageError("%moa usage is not available in this version of moa-magic.")
+        usage = importlib.import_module(f"{__package__}.usage")
+        if not hasattr(usage, "session_summary"):
+            raise UsageError("%moa usage is not available in this version of moa-magic.")
+        display(usage.session_summary())
+
+    def _cmd_help(self, rest: str) -> None:
+        traits = "\n".join(
+            f"  %config MoaMagics.{name} = {getattr(self, name)!r}\n      {trait.help}"
+            for name, trait in sorted(self.traits(config=True).items())
+        )
+        print(
+            f"{self.moa_line.__doc__.strip()}\n\n%%moa options:\n{self.moa_cell.parser.format_help()}"
+            f"\nDefaults (flags win):\n{traits}"
+        )
+
+    def _cmd_version(self, rest: str) -> None:
+        from . import __version__
+
+        print(f"moa-magic {__version__}")
+
+
+def _wait(future: concurrent.futures.Future, finished, pump: _Pump):
+    """`runner.wait` that also prints queued progress text from the main thread."""
+    from .runner import CANCEL_GRACE_S
+
+    try:
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                pump()
+    except KeyboardInterrupt:
+        future.cancel()
+        finished.wait(CANCEL_GRACE_S)
+        raise
+
+
+# --- extension hooks ------------------------------------------------------------------------------
+
+
+def load(shell) -> None:
+    """Register the magics once per shell; the instance joins `shell.configurables` (for %config)."""
+    if isinstance(shell.magics_manager.registry.get("MoaMagics"), Magics):
+        return
+    shell.register_magics(MoaMagics(shell=shell))
+
+
+def unload(shell) -> None:
+    """Remove the magics and their configurable; stop the run worker (it restarts on next use)."""
+    magics = shell.magics_manager.registry.get("MoaMagics")
+    if magics is None:
+        return
+    for table in shell.magics_manager.magics.values():
+        for name, func in list(table.items()):
+            if getattr(func, "__self__", None) is magics:
+                del table[name]
+    shell.magics_manager.registry.pop("MoaMagics", None)
+    shell.configurables[:] = [c for c in shell.configurables if c is not magics]
+    runner = sys.modules.get("moa_magic.runner")
+    if runner is not None:
+        runner.worker.stop()

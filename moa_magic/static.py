@@ -1,0 +1,291 @@
+"""Static renditions of a run: text, Markdown and HTML that survive saving, GitHub and nbconvert.
+
+Widgets vanish from a notebook reopened without widget state (and never show on GitHub), so the
+magic displays a `StaticRun` as a separate output after the live tree, and `MoaResult`'s own reprs
+(`_moa`, `Out[n]`) come from here too.
+
+Model text (and error text from servers) is untrusted:
+- HTML: model text goes through `safe_markdown.render`, every other string through `html.escape`;
+  proposer answers sit in `<details>` blocks (closed), the final answer is shown open.
+- Markdown: some front ends render a text/markdown output without sanitizing it, so `<` is written
+  as `&lt;` (raw HTML can never form) and links whose URL `safe_markdown` would refuse are broken
+  up. The price: `<` inside code spans/blocks of the Markdown form reads `&lt;`. Front ends prefer
+  the HTML form, which has no such loss.
+- Plain text: control characters and terminal escape sequences are removed.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import TYPE_CHECKING
+
+from .format import call_summary, seconds, totals_line
+from .terminal import terminal_safe
+
+if TYPE_CHECKING:
+    from .config import Config, Preset
+    from .result import CallRecord, MoaResult
+
+STATUS_MARK = {
+    "waiting": "…", "streaming": "…", "done": "✓", "failed": "✗", "cancelled": "■", "skipped": "–",
+    "running": "…",
+}
+
+# -------------------------------------------------------------------------------------------------
+# Escaping helpers
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_INLINE_DEST = re.compile(r"\]\(\s*<?([^\s)>]*)")
+_REF_DEF = re.compile(r"^( {0,3})\[([^\]\n]*)\]:\s*<?(\S*)", re.MULTILINE)
+_BACKSLASH_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
+
+
+def _link_ok(url: str) -> bool:
+    from .safe_markdown import url_allowed
+
+    return url_allowed(html.unescape(_BACKSLASH_ESCAPE.sub(r"\1", url)))
+
+
+def md_safe(text: str) -> str:
+    """Markdown source that cannot produce raw HTML or an unsafe link in any Markdown renderer."""
+    text = text.replace("<", "&lt;")
+    text = _INLINE_DEST.sub(lambda m: m.group(0) if _link_ok(m.group(1)) else "]\\" + m.group(0)[1:], text)
+    return _REF_DEF.sub(
+        lambda m: m.group(0) if _link_ok(m.group(3)) else f"{m.group(1)}\\[{m.group(0)[len(m.group(1)) + 1:]}",
+        text,
+    )
+
+
+def md_inline(text: str) -> str:
+    """A one-line untrusted string (a model name, an error) for Markdown: no HTML, no syntax."""
+    one_line = " ".join(str(text).split())
+    return re.sub(r"([\\`*_\[\]()#+!|~])", r"\\\1", one_line).replace("<", "&lt;")
+
+
+# -------------------------------------------------------------------------------------------------
+# One-line summaries
+
+
+def header_text(result: MoaResult, elapsed_s: float | None = None, status: str | None = None) -> str:
+    """'MoA · preset fake · 2 layers: … · done · 1.20s · 4 calls … · $0' (plain text)."""
+    status = status or result.status
+    elapsed = result.elapsed_s if elapsed_s is None else elapsed_s
+    t = result.totals()
+    approx = "≈" if t["tokens_approx"] else ""
+    cost_known = t["cost_complete"]
+    from .format import usd
+
+    cost = usd(t["cost_usd"]) if cost_known else f"≥{usd(t['cost_usd'])}"
+    return (
+        f"MoA · preset {result.preset} · {result.shape} · {status} · {seconds(elapsed)} · "
+        f"{t['calls']} calls ({t['ok']} ok, {t['failed']} failed) · "
+        f"in {approx}{t['input_tokens']} / out {approx}{t['output_tokens']} tok · {cost}"
+    )
+
+
+def layer_title(number: int, records: list[CallRecord]) -> str:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    parts = ", ".join(f"{n} {s}" for s, n in counts.items())
+    noun = "proposer" if len(records) == 1 else "proposers"
+    return f"Layer {number} · {len(records)} {noun} · {parts}"
+
+
+def node_title(record: CallRecord, note: str | None = None) -> str:
+    """A proposer's or the aggregator's one-line title: label, model, status, timings, tokens.
+
+    Plain text (accordion titles are text). The error itself goes into the body.
+    """
+    summary = call_summary(record)
+    if record.error:
+        summary = summary.replace(f" · error: {record.error}", "")
+    title = f"{STATUS_MARK.get(record.status, '')} {record.label} · {summary}"
+    if note:
+        title += f" · {note}"
+    title = terminal_safe(" ".join(title.split()))
+    return title if len(title) <= 240 else title[:239] + "…"
+
+
+# -------------------------------------------------------------------------------------------------
+# HTML pieces shared with the live widgets
+
+
+def call_body_html(record: CallRecord) -> str:
+    """The inside of a call's node: its (rendered, sanitized) text and its error if any."""
+    from .safe_markdown import render
+
+    parts = []
+    if record.error:
+        parts.append(f'<div class="moa-error" style="color:#b00020">✗ {esc(record.error)}</div>')
+    if record.text:
+        parts.append(render(record.text))
+    elif record.status in ("waiting", "streaming"):
+        parts.append(f"<i>{esc(record.status)}…</i>")
+    elif record.status in ("cancelled", "skipped"):
+        parts.append(f"<i>{esc(record.status)}</i>")
+    return "".join(parts)
+
+
+def final_body_html(result: MoaResult) -> str:
+    agg = result.aggregator
+    if agg.text or agg.error:
+        body = call_body_html(agg)
+    elif result.status in ("failed", "cancelled"):
+        body = ""
+    else:
+        body = call_body_html(agg)
+    if result.status in ("failed", "cancelled") and result.error and not agg.error:
+        body = f'<div class="moa-error" style="color:#b00020">✗ {esc(result.status)}: {esc(result.error)}</div>' + body
+    return body
+
+
+# -------------------------------------------------------------------------------------------------
+# Whole-run renditions
+
+
+def result_text(result: MoaResult) -> str:
+    lines = [terminal_safe(header_text(result))]
+    for records in result.layers:
+        for r in records:
+            lines.append(f"  {STATUS_MARK.get(r.status, '')} {r.label} {terminal_safe(call_summary(r))}")
+    agg = result.aggregator
+    lines.append(f"  {STATUS_MARK.get(agg.status, '')} {agg.label} {terminal_safe(call_summary(agg))}")
+    lines.append(terminal_safe(totals_line(result)))
+    if result.ok:
+        lines += ["", terminal_safe(result.final)]
+    else:
+        lines.append(terminal_safe(f"{result.status}: {result.error or 'no final answer'}"))
+    return "\n".join(lines)
+
+
+def result_markdown(result: MoaResult) -> str:
+    out = [f"**{md_inline(header_text(result))}**", ""]
+    if result.ok:
+        out += [md_safe(result.final), ""]
+    else:
+        out += [f"**{md_inline(result.status)}:** {md_inline(result.error or 'no final answer')}", ""]
+    for number, records in enumerate(result.layers, start=1):
+        out.append(f"- {md_inline(layer_title(number, records))}")
+        for r in records:
+            out.append(f"  - {md_inline(STATUS_MARK.get(r.status, '') + ' ' + r.label + ' ' + call_summary(r))}")
+    agg = result.aggregator
+    out.append(f"- {md_inline(STATUS_MARK.get(agg.status, '') + ' aggregator ' + call_summary(agg))}")
+    return "\n".join(out) + "\n"
+
+
+def result_html(result: MoaResult) -> str:
+    parts = [
+        '<div class="moa-static">',
+        f'<div class="moa-static-header" style="font-weight:bold">{esc(header_text(result))}</div>',
+    ]
+    for number, records in enumerate(result.layers, start=1):
+        parts.append(
+            f'<details class="moa-static-layer" data-layer="{number}">'
+            f"<summary>{esc(layer_title(number, records))}</summary>"
+            '<div style="margin-left:1.2em">'
+        )
+        for r in records:
+            parts.append(
+                f'<details class="moa-static-node" data-layer="{r.layer}" data-index="{r.index}" '
+                f'data-model="{esc(r.model)}" data-status="{esc(r.status)}">'
+                f"<summary>{esc(node_title(r))}</summary>"
+                f'<div class="moa-static-text" style="margin-left:1.2em">{call_body_html(r)}</div>'
+                "</details>"
+            )
+        parts.append("</div></details>")
+    agg = result.aggregator
+    parts.append(
+        f'<div class="moa-static-final" data-status="{esc(result.status)}">'
+        f'<div class="moa-static-final-title" style="font-style:italic">{esc(node_title(agg))}</div>'
+        f"{final_body_html(result)}</div></div>"
+    )
+    return "".join(parts)
+
+
+class StaticRun:
+    """A run's static rendition as one output: text/plain, text/markdown and text/html."""
+
+    def __init__(self, result: MoaResult):
+        self.result = result
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {
+            "text/plain": result_text(self.result),
+            "text/markdown": result_markdown(self.result),
+            "text/html": result_html(self.result),
+        }
+
+    def __repr__(self) -> str:
+        return result_text(self.result)
+
+
+class Rich:
+    """Any text + HTML pair as a display object (for `%moa list`, `%moa show`)."""
+
+    def __init__(self, text: str, html_text: str):
+        self.text = text
+        self.html = html_text
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {"text/plain": self.text, "text/html": self.html}
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+# -------------------------------------------------------------------------------------------------
+# `%moa show PRESET`
+
+
+def _entry(entry) -> str:
+    extra = [f"{k} {getattr(entry, k)}" for k in ("temperature", "max_tokens", "seed")
+             if getattr(entry, k) is not None]
+    if entry.system is not None:
+        extra.append("own system prompt")
+    return entry.spec + (f" ({', '.join(extra)})" if extra else "")
+
+
+def preset_rows(preset: Preset, overrides: dict | None = None) -> list[tuple[str, str]]:
+    from .method import AGGREGATE_PROMPT
+
+    rows = [("description", preset.description or "–"), ("defined in", preset.source)]
+    for number, layer in enumerate(preset.layers, start=1):
+        rows.append((f"layer {number}", ", ".join(_entry(e) for e in layer)))
+    rows.append(("aggregator", _entry(preset.aggregator)))
+    rows.append(("temperature", f"{preset.temperature:g}"))
+    rows.append(("max_tokens", str(preset.max_tokens)))
+    rows.append(("system prompt", preset.system or "–"))
+    rows.append((
+        "aggregator prompt",
+        preset.aggregator_prompt or f"(the MoA paper's default)\n{AGGREGATE_PROMPT}",
+    ))
+    for key, value in (overrides or {}).items():
+        rows.append((f"this notebook: {key}", f"{value} (MoaMagics.{key}; a flag on the cell wins)"))
+    return rows
+
+
+def preset_view(name: str, preset: Preset, overrides: dict | None = None) -> Rich:
+    rows = preset_rows(preset, overrides)
+    text_lines = [f"Preset {name}:"]
+    for key, value in rows:
+        first, *rest = value.split("\n")
+        text_lines.append(f"  {key:<18} {first}")
+        text_lines += [f"  {'':<18} {line}" for line in rest]
+    body = "".join(
+        f"<tr><th style='text-align:left;vertical-align:top'>{esc(k)}</th>"
+        f"<td style='text-align:left;white-space:pre-wrap'>{esc(v)}</td></tr>"
+        for k, v in rows
+    )
+    return Rich("\n".join(text_lines), f"<b>Preset <code>{esc(name)}</code></b><table>{body}</table>")
+
+
+def catalog_view(config: Config) -> Rich:
+    from .catalog import catalog_html, catalog_text
+
+    return Rich(catalog_text(config), catalog_html(config))

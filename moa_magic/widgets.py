@@ -1,0 +1,347 @@
+"""The live tree: one collapsible section per proposer layer, one node per proposer, the final answer.
+
+    tree (VBox, .moa-tree)
+    ├── header (HTML, .moa-header): preset · shape · status · elapsed · calls · tokens · cost
+    ├── layer 1 (one-child Accordion, .moa-layer .moa-layer-1)
+    │   └── VBox
+    │       ├── node (one-child Accordion, .moa-node .moa-node-1-1 .moa-status-<status>)
+    │       │   └── HTML (.moa-node-text): the proposer's answer, rendered and sanitized
+    │       └── ...
+    ├── layer 2 ...
+    └── final (one-child Accordion, open, .moa-final-section .moa-status-<status>)
+        └── HTML (.moa-final): the aggregator's answer as Markdown → safe HTML
+
+`Accordion` keeps only one panel open, so every layer and node is its own one-child Accordion:
+any number can be open at once. A layer opens when its first call starts and closes when the next
+layer starts; a layer where the run stopped stays open. Accordion titles are plain text
+(ipywidgets 8 sets them with `textContent`); every HTML value is `safe_markdown.render` output or
+escaped. Proposers stream as escaped plain text and become rendered Markdown when they finish; the
+final answer is rendered Markdown while it streams.
+
+The renderer is a listener: the engine calls it from its worker thread. Updates are coalesced: a
+widget is written at most once per `interval` (50 ms → ≤ 20 updates/s per widget; longer when a
+push is costly: at least 10× its render+send time) by the event itself or by a small flusher thread
+that also ticks the elapsed time, and always at once with the final state on CallFinished /
+CallFailed / RunFinished. One lock serializes all widget writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from .events import (
+    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, RunFinished,
+    RunStarted, TextDelta,
+)
+from .static import call_body_html, esc, final_body_html, header_text, layer_title, node_title
+
+if TYPE_CHECKING:
+    from .plan import Plan
+    from .result import CallRecord, MoaResult
+
+INTERVAL_S = 0.05
+NODE_TEXT_MAX_HEIGHT = "14em"
+HEADER_STYLE = "font-family: var(--jp-code-font-family, monospace); font-size: 0.9em;"
+
+
+class _Node:
+    """One call's section: an Accordion whose one child is the call's text."""
+
+    def __init__(self, w, title: str, classes: list[str], text_class: str, open_: bool,
+                 max_height: str | None):
+        layout = w.Layout(max_height=max_height, overflow="auto") if max_height else w.Layout()
+        self.text = w.HTML(value="<i>waiting…</i>", layout=layout)
+        self.text.add_class(text_class)
+        self.section = w.Accordion(children=[self.text], titles=(title,))
+        self.section.selected_index = 0 if open_ else None
+        for c in classes:
+            self.section.add_class(c)
+        self.status_class = "moa-status-waiting"
+        self.section.add_class(self.status_class)
+        self.record: CallRecord | None = None
+        self.note: str | None = None  # e.g. "retry 1: HTTP 429" until the call streams again
+        self.dirty = False
+        self.last_push = 0.0
+        self.cost = 0.0  # seconds the last push took (render + send)
+
+    def due(self, now: float, interval: float) -> bool:
+        """Push again only after `interval`, and after 10× the last push's cost: rendering a long
+        answer's Markdown takes milliseconds, and it must never eat the run's CPU."""
+        return now - self.last_push >= max(interval, 10 * self.cost)
+
+    def push(self, body_html: str, now: float) -> None:
+        """Write title, status class and text (only what changed). Caller holds the lock."""
+        rec = self.record
+        if rec is None:
+            return
+        title = node_title(rec, self.note)
+        if self.section.titles != (title,):
+            self.section.titles = (title,)
+        status_class = f"moa-status-{rec.status}"
+        if status_class != self.status_class:
+            self.section.remove_class(self.status_class)
+            self.section.add_class(status_class)
+            self.status_class = status_class
+        if self.text.value != body_html:
+            self.text.value = body_html
+        self.dirty = False
+        self.last_push = time.perf_counter()
+        self.cost = self.last_push - now
+
+
+class TreeRenderer:
+    """Build with `for_plan(plan)` before the run starts, display `.widget`, pass it as a listener."""
+
+    def __init__(self, preset: str, shape: str, layers: list[list[str]], aggregator: str,
+                 interval: float = INTERVAL_S):
+        import ipywidgets as w
+
+        self.interval = interval
+        self._lock = threading.RLock()
+        self._result: MoaResult | None = None
+        self._t0: float | None = None
+        self._closed = False
+        self._status_override: str | None = None
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+        self._header_dirty = False
+        self._header_push = 0.0
+
+        self.header = w.HTML(
+            value=f'<div style="{HEADER_STYLE}">MoA · preset {esc(preset)} · {esc(shape)} · starting…</div>'
+        )
+        self.header.add_class("moa-header")
+
+        self.layer_sections: list = []
+        self.layer_boxes: list = []
+        self.nodes: dict[tuple[int, int], _Node] = {}
+        for number, models in enumerate(layers, start=1):
+            row = []
+            for index, model in enumerate(models):
+                node = _Node(
+                    w, f"… L{number}.{index + 1} · {model} · waiting",
+                    ["moa-node", f"moa-node-{number}-{index + 1}"], "moa-node-text", True,
+                    NODE_TEXT_MAX_HEIGHT,
+                )
+                self.nodes[(number, index)] = node
+                row.append(node.section)
+            box = w.VBox(row)
+            section = w.Accordion(
+                children=[box], titles=(f"Layer {number} · {len(models)} proposers · waiting",)
+            )
+            section.selected_index = None
+            section.add_class("moa-layer")
+            section.add_class(f"moa-layer-{number}")
+            self.layer_boxes.append(box)
+            self.layer_sections.append(section)
+        self._layer_open = [False] * len(layers)
+        self._layer_titles = [s.titles[0] for s in self.layer_sections]
+
+        self.final = _Node(
+            w, f"… aggregator · {aggregator} · waiting", ["moa-final-section"], "moa-final", True, None,
+        )
+        self.widget = w.VBox([self.header, *self.layer_sections, self.final.section])
+        self.widget.add_class("moa-tree")
+
+    @classmethod
+    def for_plan(cls, plan: Plan, **kwargs) -> TreeRenderer:
+        return cls(
+            plan.preset, plan.shape, [[c.spec for c in layer] for layer in plan.layers],
+            plan.aggregator.spec, **kwargs,
+        )
+
+    @classmethod
+    def for_result(cls, result: MoaResult, **kwargs) -> TreeRenderer:
+        """A finished (or partial) result as a tree, without a run."""
+        tree = cls(
+            result.preset, result.shape, [[r.model for r in layer] for layer in result.layers],
+            result.aggregator.model, **kwargs,
+        )
+        tree._bind(result)
+        tree.close()
+        return tree
+
+    # --- introspection (tests, browser suite) ----------------------------------------------------
+
+    @property
+    def text_widgets(self) -> dict[tuple[int, int], object]:
+        return {key: node.text for key, node in self.nodes.items()}
+
+    @property
+    def final_widget(self):
+        return self.final.text
+
+    # --- listener ---------------------------------------------------------------------------------
+
+    def __call__(self, event: Event) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if isinstance(event, RunStarted):
+                self._bind(event.result)
+                self._t0 = now
+                self._header_dirty = True
+                self._start_flusher()
+            elif isinstance(event, TextDelta):
+                node = self._node(event.record)
+                node.note = None
+                node.dirty = True
+                self._header_dirty = True
+                if node.due(now, self.interval):
+                    self._push_node(node, now)
+            elif isinstance(event, CallStarted):
+                node = self._node(event.record)
+                self._open_layer(event.record)
+                self._push_node(node, now)
+                self._push_layers()
+                self._push_header(now)
+            elif isinstance(event, CallRetrying):
+                node = self._node(event.record)
+                node.note = f"retry {event.attempt} in {event.delay_s:.1f}s: {event.reason}"
+                self._push_node(node, now)  # the text was reset: show that at once
+            elif isinstance(event, (CallFinished, CallFailed)):
+                node = self._node(event.record)
+                node.note = None
+                self._push_node(node, now)
+                self._push_layers()
+                self._push_header(now)
+            elif isinstance(event, LayerFinished):
+                self._push_layers()
+            elif isinstance(event, RunFinished):
+                self._bind(event.result)
+                self._finish()
+        if isinstance(event, RunFinished):
+            self._join_flusher()
+
+    def close(self, status: str | None = None) -> None:
+        """Stop the ticker and write the final state; `status` overrides the header's status."""
+        with self._lock:
+            if status is not None:
+                self._status_override = status
+            self._finish()
+        self._join_flusher()
+
+    # --- internals (callers hold the lock) --------------------------------------------------------
+
+    def _bind(self, result: MoaResult) -> None:
+        self._result = result
+        for layer in result.layers:
+            for record in layer:
+                node = self.nodes.get((record.layer, record.index))
+                if node is not None:
+                    node.record = record
+        self.final.record = result.aggregator
+
+    def _node(self, record: CallRecord) -> _Node:
+        if record.role == "aggregator":
+            node = self.final
+        else:
+            node = self.nodes[(record.layer, record.index)]
+        node.record = record
+        return node
+
+    def _open_layer(self, record: CallRecord) -> None:
+        """Open the layer whose call starts; close the layers before it (the run moved on)."""
+        number = len(self.layer_sections) + 1 if record.role == "aggregator" else record.layer
+        for i, section in enumerate(self.layer_sections, start=1):
+            if i == number and not self._layer_open[i - 1]:
+                section.selected_index = 0
+                self._layer_open[i - 1] = True
+            elif i < number and self._layer_open[i - 1]:
+                section.selected_index = None
+                self._layer_open[i - 1] = False
+
+    def _push_node(self, node: _Node, now: float) -> None:
+        if node.record is None:
+            return
+        record = node.record
+        if node is self.final and self._result is not None:
+            body = final_body_html(self._result)
+        elif record.status == "streaming" and record.text and not self._closed:
+            # proposers stream as plain text (cheap), and turn into rendered Markdown when done
+            body = f'<div class="moa-streaming" style="white-space:pre-wrap">{esc(record.text)}</div>'
+        else:
+            body = call_body_html(record)
+        node.push(body, time.perf_counter())
+
+    def _push_layers(self) -> None:
+        if self._result is None:
+            return
+        for i, (section, records) in enumerate(zip(self.layer_sections, self._result.layers)):
+            title = layer_title(i + 1, records)
+            if self._layer_titles[i] != title:
+                section.titles = (title,)
+                self._layer_titles[i] = title
+
+    def _push_header(self, now: float) -> None:
+        if self._result is None:
+            return
+        running = self._result.status == "running" and not self._closed
+        elapsed = None
+        if self._t0 is not None and (running or not self._result.elapsed_s):
+            elapsed = now - self._t0
+        status = self._status_override or self._result.status
+        color = {"done": "#1b7f3b", "failed": "#b00020", "cancelled": "#b26a00"}.get(status, "inherit")
+        text = header_text(self._result, elapsed, status)
+        head, sep, tail = text.partition(f" · {status} · ")
+        if sep:
+            inner = f'{esc(head)} · <b style="color:{color}">{esc(status)}</b> · {esc(tail)}'
+        else:
+            inner = esc(text)
+        value = f'<div style="{HEADER_STYLE}">{inner}</div>'
+        if self.header.value != value:
+            self.header.value = value
+        self._header_dirty = False
+        self._header_push = now
+
+    def _flush(self) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                return
+            for node in [*self.nodes.values(), self.final]:
+                if node.dirty and node.due(now, self.interval):
+                    self._push_node(node, now)
+            # the elapsed time ticks ~4×/s even when nothing streams
+            if now - self._header_push >= (self.interval if self._header_dirty else 0.25):
+                self._push_header(now)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is not None:
+            return
+
+        def loop():
+            while not self._stop.wait(self.interval):
+                try:
+                    self._flush()
+                except Exception:  # a broken frontend must not kill the thread silently mid-run
+                    import logging
+
+                    logging.getLogger("moa_magic").exception("moa-magic tree flush failed")
+
+        self._flusher = threading.Thread(target=loop, name="moa-magic-tree", daemon=True)
+        self._flusher.start()
+
+    def _finish(self) -> None:
+        self._stop.set()
+        self._closed = True
+        now = time.perf_counter()
+        if self._result is not None:
+            for node in [*self.nodes.values(), self.final]:
+                node.note = None
+                self._push_node(node, now)
+            self._push_layers()
+            self._push_header(now)
+            # a layer where the run stopped stays open; the final answer stays open
+            if self._result.status == "cancelled":
+                for i, records in enumerate(self._result.layers):
+                    if any(r.status == "cancelled" for r in records) and not self._layer_open[i]:
+                        self.layer_sections[i].selected_index = 0
+                        self._layer_open[i] = True
+
+    def _join_flusher(self) -> None:
+        """Called without the lock held: the flusher may be waiting for it."""
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=1.0)

@@ -1,0 +1,415 @@
+"""`%%moa` and `%moa` in a real IPython shell against the loopback chat server."""
+
+from __future__ import annotations
+
+import _thread
+import importlib.util
+import subprocess
+import sys
+import threading
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from moa_magic import runner
+from moa_magic.magics import MoaMagics, interpolate
+from moa_magic.options import RUN_OPTIONS
+
+from chat_server import Reply, last_user_message
+
+MAGIC_TOML = """\
+[providers.fake]
+base_url = "{url}"
+
+[providers.fakekey]
+base_url = "{url}"
+api_key_env = "MOA_TEST_KEY"
+
+[settings]
+retries = 0
+backoff_base = 0
+
+[presets.fake]
+layers = [["fake:a", "fake:b", "fake:c"]]
+aggregator = "fake:agg"
+
+[presets.other]
+description = "two proposers"
+layers = [["fake:x", {{ model = "fake:y", temperature = 0.1 }}]]
+aggregator = "fake:agg2"
+system = "Be brief."
+
+[presets.keyed]
+layers = [["fakekey:a"]]
+aggregator = "fakekey:agg"
+"""
+
+
+@pytest.fixture
+def config(tmp_path, chat_server, monkeypatch):
+    path = tmp_path / "moa.toml"
+    path.write_text(MAGIC_TOML.format(url=chat_server.url), "utf-8")
+    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def shell():
+    """The IPython shell with moa_magic loaded; unloaded and cleaned afterwards."""
+    ip = InteractiveShell.instance()
+    before = set(ip.user_ns)
+    ip.run_line_magic("load_ext", "moa_magic")
+    yield ip
+    ip.run_line_magic("unload_ext", "moa_magic")
+    for name in set(ip.user_ns) - before:
+        ip.user_ns.pop(name, None)
+    ip.user_ns.pop("_moa", None)
+    ip.config.pop("MoaMagics", None)
+
+
+def magics(ip) -> MoaMagics:
+    return ip.magics_manager.registry["MoaMagics"]
+
+
+def run(ip, cell: str):
+    """Run a cell; raise whatever it raised (a test shell that does not swallow errors)."""
+    with capture_output() as cap:
+        result = ip.run_cell(cell)
+    result.raise_error()
+    return cap
+
+
+def run_error(ip, cell: str) -> tuple[BaseException, object]:
+    with capture_output() as cap:
+        result = ip.run_cell(cell)
+    assert result.error_in_exec is not None, f"no error from {cell!r}"
+    return result.error_in_exec, cap
+
+
+def user_turns(server) -> list[str]:
+    return [last_user_message(r["body"]) for r in server.chat_requests]
+
+
+# --- extension life cycle ----------------------------------------------------------------------
+
+
+def test_load_unload_reload(config, chat_server):
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "moa_magic")
+    try:
+        assert ip.find_cell_magic("moa") is not None and ip.find_line_magic("moa") is not None
+        ip.run_line_magic("load_ext", "moa_magic")  # twice: still one instance
+        for _ in range(2):
+            ip.run_line_magic("reload_ext", "moa_magic")
+        mine = [c for c in ip.configurables if type(c).__name__ == "MoaMagics"]
+        assert len(mine) == 1 and ip.magics_manager.registry["MoaMagics"] is mine[0]
+        run(ip, "%%moa --preset fake\nhello")
+        assert ip.user_ns["_moa"].ok
+    finally:
+        ip.run_line_magic("unload_ext", "moa_magic")
+    assert ip.find_cell_magic("moa") is None and ip.find_line_magic("moa") is None
+    assert not [c for c in ip.configurables if type(c).__name__ == "MoaMagics"]
+    assert "MoaMagics" not in dict.keys(ip.magics_manager.registry)
+    ip.user_ns.pop("_moa", None)
+
+
+def test_load_ext_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "ip.run_line_magic('load_ext', 'moa_magic')\n"
+        "heavy = ['aiohttp', 'ipywidgets', 'markdown_it', 'tiktoken', 'moa_magic.engine',"
+        " 'moa_magic.runner', 'genai_prices']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_cell_help_comes_from_magic_arguments(shell):
+    cap = run(shell, "%%moa?")
+    text = cap.stdout + "".join(str(o.data) for o in cap.outputs)
+    for flag in ("--preset", "--out NAME", "--temperature", "--max-tokens", "{{name}}"):
+        assert flag in text
+    for flags, _ in RUN_OPTIONS:
+        assert flags[-1] in shell.find_cell_magic("moa").__doc__
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def test_run_sets_moa_and_out_and_shows_static(shell, config, chat_server):
+    cap = run(shell, "%%moa --preset fake --out answer\nWhy is the sky blue?")
+    result = shell.user_ns["_moa"]
+    assert shell.user_ns["answer"] is result
+    assert result.ok and result.final == "agg says: Why is the sky blue?"
+    assert len(chat_server.chat_requests) == 4
+    # terminal shell: streamed text, no rich static output and no Out[] value
+    assert "agg says: Why is the sky blue?" in cap.stdout
+    assert "total: 4 calls" in cap.stdout
+    assert shell.user_ns.get("_") is not result
+
+
+def test_interpolation_double_braces_only(shell, config, chat_server):
+    shell.user_ns.update(topic="tides", cfg={"lang": "French"})
+    shell.user_ns["obj"] = type("Obj", (), {"name": "Moon"})()
+    run(shell, "%%moa --preset fake\nExplain {{topic}} and {{ obj.name }} in {{cfg.lang}}; "
+               "keep {x}, $topic, \\{{topic}} and {{#each}} as written")
+    assert user_turns(chat_server)[0] == (
+        "Explain tides and Moon in French; keep {x}, $topic, {{topic}} and {{#each}} as written"
+    )
+
+
+def test_line_is_not_expanded(shell, config, chat_server):
+    shell.user_ns["x"] = "EXPANDED"
+    run(shell, '%%moa --preset fake --system "{x} and $x" --aggregator-prompt \'Combine: {{x}}\'\nhi')
+    system = chat_server.chat_requests[0]["body"]["messages"][0]
+    assert system == {"role": "system", "content": "{x} and $x"}
+    assert shell.user_ns["_moa"].template == "Combine: {{x}}"
+
+
+def test_interpolate_refuses_private_attributes_and_unknown_names():
+    with pytest.raises(UsageError, match="no variable 'nope'"):
+        interpolate("{{nope}}", {})
+    with pytest.raises(UsageError, match="starting with '_'"):
+        interpolate("{{x.__class__}}", {"x": 1})
+    with pytest.raises(UsageError, match="has no attribute or key 'zz'"):
+        interpolate("{{x.zz}}", {"x": 1})
+    assert interpolate("{{ _moa }}", {"_moa": "last"}) == "last"
+
+
+def test_options_reach_the_requests(shell, config, chat_server):
+    run(shell, "%%moa --preset fake -p fake:m1 -p fake:m2 -a fake:boss -l 3 -t 0.3 --max-tokens 77\nQ")
+    models = [r["body"]["model"] for r in chat_server.chat_requests]
+    assert sorted(models[:2]) == sorted(models[2:4]) == ["m1", "m2"] and models[4] == "boss"
+    assert {r["body"]["temperature"] for r in chat_server.chat_requests} == {0.3}
+    assert {r["body"]["max_tokens"] for r in chat_server.chat_requests} == {77}
+    assert shell.user_ns["_moa"].shape == "3 layers: 2×2 proposers + aggregator"
+
+
+def test_config_traits_are_defaults_and_flags_win(shell, config, chat_server):
+    run(shell, "%config MoaMagics.preset = 'other'")
+    run(shell, "%config MoaMagics.temperature = 1.5")
+    run(shell, "%config MoaMagics.max_tokens = 33")
+    run(shell, "%config MoaMagics.system = 'Pirate.'")
+    run(shell, "%%moa\nQ")
+    bodies = [r["body"] for r in chat_server.chat_requests]
+    assert sorted(b["model"] for b in bodies) == ["agg2", "x", "y"]
+    assert {b["temperature"] for b in bodies} == {1.5} and {b["max_tokens"] for b in bodies} == {33}
+    assert bodies[0]["messages"][0] == {"role": "system", "content": "Pirate."}
+    chat_server.reset()
+    run(shell, "%%moa --preset fake -t 0.2\nQ")
+    bodies = [r["body"] for r in chat_server.chat_requests]
+    assert sorted(b["model"] for b in bodies) == ["a", "agg", "b", "c"]
+    assert {b["temperature"] for b in bodies} == {0.2} and {b["max_tokens"] for b in bodies} == {33}
+
+
+@pytest.mark.parametrize("line, allowed", [
+    ("MoaMagics.temperature = 3", "from 0 to 2"),
+    ("MoaMagics.max_tokens = 0", "at least 1"),
+    ("MoaMagics.preset = 'no such; thing'", "preset name"),
+    ("MoaMagics.config_file = '/no/such/moa.toml'", "existing moa.toml"),
+])
+def test_config_trait_validation(shell, line, allowed, caplog):
+    """%config reports a TraitError as a logged error (traitlets' behaviour); the value stays."""
+    trait = line.split(".")[1].split()[0]
+    before = getattr(magics(shell), trait)
+    run(shell, f"%config {line}")
+    assert allowed in caplog.text
+    assert getattr(magics(shell), trait) == before
+
+
+def test_config_file_trait(shell, config, chat_server, monkeypatch, tmp_path):
+    monkeypatch.delenv("MOA_MAGIC_CONFIG")
+    error, _ = run_error(shell, "%%moa --preset fake\nQ")
+    assert isinstance(error, UsageError)
+    run(shell, f"%config MoaMagics.config_file = {str(config)!r}")
+    run(shell, "%%moa --preset fake\nQ")
+    assert shell.user_ns["_moa"].ok
+
+
+def test_widgets_frontend_through_the_magic(shell, config, chat_server, monkeypatch):
+    monkeypatch.setattr(MoaMagics, "_frontend", lambda self: "widgets")
+    cap = run(shell, "%%moa --preset fake\nQ")
+    tree = magics(shell).last_tree
+    assert tree is not None and tree.final_widget.value.startswith("<p>agg says: Q")
+    kinds = [set(o.data) for o in cap.outputs]
+    # first the widget, then the static rendition as a separate output
+    assert "application/vnd.jupyter.widget-view+json" in kinds[0]
+    assert kinds[-1] == {"text/plain", "text/markdown", "text/html"}
+    assert "agg says: Q" in cap.outputs[-1].data["text/html"]
+
+
+def test_kernel_without_tree_prints_progress_then_static(shell, config, chat_server, monkeypatch):
+    monkeypatch.setattr(shell, "kernel", object(), raising=False)
+    run(shell, "%config MoaMagics.show_tree = False")
+    assert magics(shell)._frontend() == "text"
+    cap = run(shell, "%%moa --preset fake\nQ")
+    assert "✓ L1.1" in cap.stdout and "agg says" not in cap.stdout  # the answer is not streamed
+    assert "agg says: Q" in cap.outputs[-1].data["text/html"]
+    run(shell, "%config MoaMagics.show_tree = True")
+    assert magics(shell)._frontend() == "widgets"
+
+
+# --- user errors: UsageError, and no request --------------------------------------------------
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("%%moa --preset fake\n   \n", "prompt is empty"),
+    ("%%moa --preset nope\nQ", "Unknown preset 'nope'"),
+    ("%%moa --bogus\nQ", "unrecognized arguments: --bogus"),
+    ("%%moa -t hot\nQ", "invalid float value"),
+    ("%%moa --preset fake -t 5\nQ", "from 0 to 2"),
+    ("%%moa --preset fake -p nocolon\nQ", "not of the form provider:model"),
+    ("%%moa --preset fake -p zzz:m\nQ", "Unknown provider 'zzz'"),
+    ("%%moa --preset keyed\nQ", "MOA_TEST_KEY"),
+    ("%%moa --preset fake\nTell me about {{undefined_thing}}", "no variable 'undefined_thing'"),
+    ("%%moa --preset fake --out 'not a name'\nQ", "--out needs a Python variable name"),
+    ('%%moa --preset "fake\nQ', "Cannot read the options"),
+])
+def test_user_errors_are_usage_errors_before_any_request(shell, config, chat_server, cell, message):
+    error, cap = run_error(shell, cell)
+    assert type(error) is UsageError, repr(error)
+    assert message in str(error)
+    assert chat_server.chat_requests == []
+
+
+def test_argparse_error_includes_usage(shell, config):
+    error, _ = run_error(shell, "%%moa --layers many\nQ")
+    assert "%%moa [--preset PRESET]" in str(error) and "argument -l/--layers" in str(error)
+    assert "::" not in str(error)
+
+
+def test_usage_error_shows_one_line_without_traceback(shell, config, capsys):
+    result = shell.run_cell("%%moa --preset nope\nQ")
+    err = capsys.readouterr().err
+    assert isinstance(result.error_in_exec, UsageError)
+    assert err.startswith("UsageError: Unknown preset 'nope'") and "Traceback" not in err
+
+
+# --- failed and interrupted runs ----------------------------------------------------------------
+
+
+def test_run_without_final_answer(shell, config, chat_server):
+    chat_server.script(reply=Reply(status=500))
+    error, cap = run_error(shell, "%%moa --preset fake --out partial\nQ")
+    assert type(error) is UsageError
+    assert str(error).startswith("No final answer (failed): layer 1: 0 of 3 proposers succeeded")
+    assert "partial run is in _moa" in str(error)
+    result = shell.user_ns["_moa"]
+    assert shell.user_ns["partial"] is result
+    assert result.status == "failed" and all(r.status == "failed" for r in result.layers[0])
+    assert result.aggregator.status == "skipped"
+
+
+def test_interrupt_cancels_stores_partial_result_and_reraises(shell, config, chat_server, monkeypatch):
+    monkeypatch.setattr(MoaMagics, "_frontend", lambda self: "widgets")
+    chat_server.script(model="a", reply=Reply(text="quick"))
+    chat_server.script(reply=Reply(hang=True))
+
+    def interrupt():
+        chat_server.wait_for_requests(3, timeout=10)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    error, cap = run_error(shell, "%%moa --preset fake\nQ")
+    assert isinstance(error, KeyboardInterrupt)
+    result = shell.user_ns["_moa"]
+    assert result.status == "cancelled"
+    assert [r.status for r in result.layers[0]] == ["done", "cancelled", "cancelled"]
+    tree = magics(shell).last_tree
+    assert ">cancelled<" in tree.header.value
+    assert "moa-status-cancelled" in tree.nodes[(1, 1)].section._dom_classes
+    assert tree.layer_sections[0].selected_index == 0
+    static = cap.outputs[-1].data
+    assert "cancelled" in static["text/plain"]
+    # every request was cancelled: nothing is left in flight
+    chat_server.wait_for_requests(3, timeout=5, finished=True)
+    assert chat_server.in_flight == 0
+
+
+# --- %moa subcommands ------------------------------------------------------------------------------
+
+
+def test_moa_list_shows_key_status_never_the_key(shell, config, monkeypatch):
+    monkeypatch.setenv("MOA_TEST_KEY", "sk-very-secret-value")
+    cap = run(shell, "%moa list")
+    data = cap.outputs[0].data
+    for form in ("text/plain", "text/html"):
+        assert "sk-very-secret-value" not in data[form]
+        assert "MOA_TEST_KEY set" in data[form] and "OPENAI_API_KEY not set" in data[form]
+        assert "fake" in data[form] and "other" in data[form]
+
+
+def test_moa_show(shell, config):
+    cap = run(shell, "%moa show other")
+    text = cap.outputs[0].data["text/plain"]
+    assert "Preset other:" in text and "two proposers" in text
+    assert "fake:x, fake:y (temperature 0.1)" in text and "fake:agg2" in text
+    assert "Be brief." in text and "the MoA paper's default" in text
+    assert "<table>" in cap.outputs[0].data["text/html"]
+    error, _ = run_error(shell, "%moa show nope")
+    assert type(error) is UsageError and "Presets: fake, " in str(error)
+
+
+def test_moa_show_defaults_to_the_default_preset(shell, config):
+    run(shell, "%config MoaMagics.preset = 'other'")
+    run(shell, "%config MoaMagics.temperature = 0.4")
+    text = run(shell, "%moa show").outputs[0].data["text/plain"]
+    assert "Preset other:" in text and "this notebook: temperature" in text
+
+
+def test_moa_last(shell, config, chat_server, monkeypatch):
+    monkeypatch.setattr(runner, "_last_result", None)
+    error, _ = run_error(shell, "%moa last")
+    assert type(error) is UsageError and "No run yet" in str(error)
+    run(shell, "%%moa --preset fake\nQ")
+    cap = run(shell, "%moa last")
+    assert "agg says: Q" in cap.outputs[0].data["text/html"]
+
+
+def test_moa_result_displays_with_its_reprs(shell, config, chat_server):
+    run(shell, "%%moa --preset fake\nQ")
+    data, _ = shell.display_formatter.format(shell.user_ns["_moa"])
+    assert {"text/plain", "text/html", "text/markdown"} <= set(data)
+    assert data["text/plain"].startswith("MoA · preset fake")
+    assert "agg says: Q" in data["text/html"]
+    assert "MoA · preset fake" in run(shell, "_moa").stdout
+
+
+def test_moa_usage(shell, config, chat_server):
+    if importlib.util.find_spec("moa_magic.usage") is None:
+        error, _ = run_error(shell, "%moa usage")
+        assert type(error) is UsageError and "not available" in str(error)
+    else:
+        run(shell, "%%moa --preset fake\nQ")
+        cap = run(shell, "%moa usage")
+        assert cap.outputs
+
+
+def test_dry_run_if_available(shell, config, chat_server):
+    if not any("--dry-run" in flags for flags, _ in RUN_OPTIONS):
+        pytest.skip("--dry-run is not in RUN_OPTIONS yet")
+    cap = run(shell, "%%moa --preset fake --dry-run\nQ")
+    assert cap.outputs and chat_server.chat_requests == []
+
+
+def test_moa_help_and_version(shell):
+    out = run(shell, "%moa help").stdout
+    assert "%moa list" in out and "--preset" in out and "MoaMagics.temperature" in out
+    assert "MoaMagics.show_tree" in out
+    assert run(shell, "%moa").stdout == out  # bare %moa is help
+    from moa_magic import __version__
+
+    assert run(shell, "%moa version").stdout.strip() == f"moa-magic {__version__}"
+
+
+def test_unknown_subcommand(shell):
+    error, _ = run_error(shell, "%moa frobnicate")
+    assert type(error) is UsageError
+    assert str(error).startswith("Unknown %moa command 'frobnicate'; valid: list, show, last, usage, help, version.")
+    error, _ = run_error(shell, "%moa --preset fake what is this")
+    assert "%%moa [options] on the first line" in str(error)

@@ -1,0 +1,93 @@
+"""Every notebook in notebooks/ runs unattended in a real kernel against the loopback server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+# `default_preset = "fake"`: the notebooks use the default preset, which on a fresh machine is the
+# embedded local model. `local` is redefined here so `--preset local` also runs against the server.
+NOTEBOOK_TOML = """\
+default_preset = "fake"
+
+[providers.fake]
+base_url = "{url}"
+
+[presets.fake]
+layers = [["fake:a", "fake:b", "fake:c"]]
+aggregator = "fake:agg"
+
+[presets.local]
+description = "the embedded model, replaced by the fake server in the tests"
+layers = [["fake:l1", "fake:l2"]]
+aggregator = "fake:lagg"
+"""
+
+
+@pytest.fixture
+def notebook_config(tmp_path, chat_server, monkeypatch):
+    path = tmp_path / "moa.toml"
+    path.write_text(NOTEBOOK_TOML.format(url=chat_server.url), "utf-8")
+    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))  # the kernel inherits the environment
+    return path
+
+
+def venv_kernel() -> str:
+    """The `python3` kernelspec must run this interpreter (the venv's, where moa_magic is installed)."""
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert spec.argv[0] == sys.executable or spec.argv[0].startswith(sys.prefix), (
+        f"kernel python3 runs {spec.argv[0]}, not this venv's python; "
+        f"run `python -m ipykernel install --sys-prefix`"
+    )
+    return "python3"
+
+
+def test_there_are_notebooks():
+    assert [p.name for p in NOTEBOOKS] == ["quickstart.ipynb"] or NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path, notebook_config, chat_server, tmp_path):
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(
+        nb, kernel_name=venv_kernel(), timeout=120, startup_timeout=60,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()  # raises CellExecutionError on the first failing cell
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        for output in cell.outputs:
+            assert output.output_type != "error", output
+            if output.output_type == "stream":
+                assert output.name != "stderr" or not output.text.strip(), output.text
+    if path.name == "quickstart.ipynb":
+        check_quickstart(nb, chat_server)
+
+
+def check_quickstart(nb, chat_server):
+    cells = {c.source.splitlines()[0]: c for c in nb.cells if c.cell_type == "code" and c.source}
+    run = cells["%%moa"].outputs
+    kinds = [set(o.get("data", {})) for o in run if o.output_type == "display_data"]
+    # the live tree, then the static rendition as a separate output
+    assert "application/vnd.jupyter.widget-view+json" in kinds[0]
+    assert {"text/plain", "text/markdown", "text/html"} <= kinds[-1]
+    static = [o for o in run if "text/html" in o.get("data", {})][-1]["data"]["text/html"]
+    assert "moa-static" in static and "agg says: In two sentences: why is the sky blue?" in static
+    # the saved widget state holds the tree's models
+    assert "widgets" in nb.metadata and "application/vnd.jupyter.widget-state+json" in nb.metadata.widgets
+
+    printed = "".join(o.get("text", "") for o in cells["print(_moa.final)"].outputs)
+    assert "agg says: In two sentences" in printed
+    assert "ocean tides" in str(cells["tides.prompt"].outputs[0]["data"]["text/plain"])
+    assert "Preset local:" in cells["%moa show local"].outputs[0]["data"]["text/plain"]
+    models = [r["body"]["model"] for r in chat_server.chat_requests]
+    assert models.count("lagg") == 1 and models.count("l1") == 2  # --preset local --layers 3
+    assert "this notebook: temperature" in cells["%config MoaMagics.temperature = 0.3"].outputs[0]["data"]["text/plain"]

@@ -1,0 +1,149 @@
+"""The static rendition (saved notebooks, GitHub, nbconvert), MoaResult's reprs and safe_markdown."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from moa_magic import runner
+from moa_magic.result import CallRecord, MoaResult
+from moa_magic.safe_markdown import render, url_allowed
+from moa_magic.static import StaticRun, md_safe, result_html, result_markdown, result_text
+
+from chat_server import Reply
+
+HOSTILE = (
+    "Hello <script>alert(1)</script>\n\n"
+    "<img src=x onerror=alert(1)>\n\n"
+    "[x](javascript:alert(1)) [y](JaVa&#115;cript:alert(2)) [z](data:text/html,<b>hi</b>)\n\n"
+    "![p](data:image/png;base64,AAAA) [v](vbscript:msgbox) <javascript:alert(3)>\n\n"
+    "[ref]: javascript:alert(4)\n\n[ref]\n\n"
+    "\x1b[31mred\x1b[0m and a [good link](https://example.com/a?b=1)"
+)
+
+
+def assert_inert_html(text: str) -> None:
+    lower = text.lower()
+    assert "<script" not in lower
+    assert not re.search(r"<[^>]*\bonerror\s*=", lower), text
+    assert not re.search(r"<[^>]*\bon[a-z]+\s*=", lower), text
+    assert not re.search(r"""(href|src)\s*=\s*["']?\s*(javascript|vbscript|data):""", lower), text
+    assert "<img" not in lower  # the only image in HOSTILE has a data: URL
+
+
+def assert_inert_markdown(text: str) -> None:
+    assert "<" not in text.replace("&lt;", "")  # no raw HTML can form
+    assert not re.search(r"\]\(\s*<?\s*(javascript|vbscript|data)", text, re.I), text
+    assert not re.search(r"^\s{0,3}\[[^\]]*\]:\s*javascript", text, re.I | re.M), text
+
+
+def make_result(final: str = "The **answer**.", status: str = "done") -> MoaResult:
+    def rec(layer, index, model, role, text, st="done", error=None):
+        r = CallRecord(layer=layer, index=index, model=model, role=role, temperature=0.7,
+                       max_tokens=100)
+        r.status, r.text, r.error, r.latency_s, r.ttft_s = st, text, error, 0.5, 0.1
+        r.prompt_tokens, r.completion_tokens, r.cost_usd = 10, 5, 0.0
+        return r
+
+    layers = [[rec(1, 0, "fake:a", "proposer", "answer A"),
+               rec(1, 1, "fake:b", "proposer", "", "failed", "HTTP 500 <b>boom</b>")]]
+    agg = rec(2, 0, "fake:agg", "aggregator", final, "done" if status == "done" else "skipped")
+    return MoaResult(prompt="q", preset="fake", shape="2 layers: 2 proposers + aggregator",
+                     template="T", system=None, layers=layers, aggregator=agg, status=status,
+                     error=None if status == "done" else "layer 1 failed", elapsed_s=1.5)
+
+
+# --- safe_markdown ----------------------------------------------------------------------------
+
+
+def test_render_makes_hostile_markdown_inert():
+    out = render(HOSTILE)
+    assert_inert_html(out)
+    assert "&lt;script&gt;" in out  # shown as text, not dropped silently
+    assert '<a href="https://example.com/a?b=1" rel="noopener noreferrer nofollow">good link</a>' in out
+
+
+@pytest.mark.parametrize("url", [
+    "javascript:alert(1)", " JAVASCRIPT:alert(1)", "java\tscript:alert(1)", "java\nscript:x",
+    "vbscript:x", "data:text/html,x", "data:image/png;base64,AA", "file:///etc/passwd", "foo:bar",
+])
+def test_unsafe_urls_refused(url):
+    assert not url_allowed(url)
+
+
+@pytest.mark.parametrize("url", ["https://a.b", "http://a.b/c", "mailto:x@y.z", "#frag", "rel/path",
+                                 "/abs/path?x=1:2", "?q=1"])
+def test_safe_urls_allowed(url):
+    assert url_allowed(url)
+
+
+def test_markdown_features_render():
+    out = render("# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```py\nx = '<b>'\n```\n\n~~gone~~")
+    assert "<h1>Title</h1>" in out and "<table>" in out and "<s>gone</s>" in out
+    assert "x = '&lt;b&gt;'" in out
+
+
+# --- static rendition ---------------------------------------------------------------------------
+
+
+def test_static_bundle_has_three_forms():
+    bundle = StaticRun(make_result())._repr_mimebundle_()
+    assert set(bundle) == {"text/plain", "text/markdown", "text/html"}
+    html = bundle["text/html"]
+    assert html.count("<details") == 3  # the layer and its two proposers
+    assert "<strong>answer</strong>" in html
+    assert "fake:a" in html and "answer A" in html
+    assert "HTTP 500 &lt;b&gt;boom&lt;/b&gt;" in html  # error text escaped
+    assert "The **answer**." in bundle["text/markdown"]
+    assert "The **answer**." in bundle["text/plain"]
+    assert "✗ L1.2 fake:b" in bundle["text/plain"]
+
+
+def test_result_reprs_delegate_to_static():
+    result = make_result()
+    assert result._repr_html_() == result_html(result)
+    assert result._repr_markdown_() == result_markdown(result)
+    from IPython.lib.pretty import pretty
+
+    assert pretty(result) == result_text(result)
+
+
+def test_failed_result_rendition_shows_error():
+    result = make_result(final="", status="failed")
+    html = result_html(result)
+    assert "failed: layer 1 failed" in html
+    assert "failed: layer 1 failed" in result_text(result)
+    assert "**failed:**" in result_markdown(result)
+
+
+def test_hostile_final_answer_is_inert_in_every_form():
+    result = make_result(final=HOSTILE)
+    result.layers[0][0].text = HOSTILE
+    result.layers[0][1].error = "<script>alert('err')</script>"
+    bundle = StaticRun(result)._repr_mimebundle_()
+    assert_inert_html(bundle["text/html"])
+    assert_inert_markdown(bundle["text/markdown"])
+    assert "\x1b" not in bundle["text/plain"]
+    # what a Markdown front end would make of the Markdown form is inert too
+    assert_inert_html(render(bundle["text/markdown"]))
+
+
+def test_md_safe_keeps_good_links_and_breaks_bad_ones():
+    assert md_safe("[a](https://x.y)") == "[a](https://x.y)"
+    assert md_safe("[a](javascript:x)") == "[a]\\(javascript:x)"
+    assert md_safe("[a](java\\script:x)").startswith("[a]\\(")  # a colon before any '/': refused
+    assert md_safe("[a](javascript\\:x)").startswith("[a]\\(")
+    assert md_safe("[r]: javascript:x") == "\\[r]: javascript:x"
+    assert md_safe("a < b & c") == "a &lt; b & c"
+
+
+def test_static_rendition_of_a_real_run(moa_config, chat_server):
+    chat_server.script(model="b", reply=Reply(text="B's *answer*"))
+    result = runner.run("What is 2+2?", preset="fake")
+    html = result_html(result)
+    assert "B&#x27;s" in html or "B's" in html
+    assert "<em>answer</em>" in html
+    assert html.count('class="moa-static-node"') == 3
+    assert 'data-model="fake:agg"' not in html  # the aggregator is the final block, not a node
+    assert "agg says: What is 2+2?" in html

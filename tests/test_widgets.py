@@ -1,0 +1,220 @@
+"""The live tree (ipywidgets) fed by real runs against the loopback server."""
+
+from __future__ import annotations
+
+import html
+import re
+import threading
+import time
+
+import ipywidgets as w
+import pytest
+
+from moa_magic import runner
+from moa_magic.errors import RunFailed
+from moa_magic.safe_markdown import render
+from moa_magic.widgets import TreeRenderer
+
+from chat_server import Reply
+from test_static import HOSTILE, assert_inert_html
+
+WIDE_TOML = """\
+[providers.fake]
+base_url = "{url}"
+
+[settings]
+retries = 0
+backoff_base = 0
+
+[presets.fake]
+layers = [["fake:a", "fake:b", "fake:c"]]
+aggregator = "fake:agg"
+
+[presets.deep]
+layers = [["fake:a", "fake:b"], ["fake:c", "fake:d"]]
+aggregator = "fake:agg"
+
+[presets.six]
+layers = [["fake:p1", "fake:p2", "fake:p3", "fake:p4", "fake:p5", "fake:p6"]]
+aggregator = "fake:agg"
+max_tokens = 2000
+"""
+
+
+@pytest.fixture
+def config(tmp_path, chat_server, monkeypatch):
+    path = tmp_path / "moa.toml"
+    path.write_text(WIDE_TOML.format(url=chat_server.url), "utf-8")
+    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
+    return path
+
+
+def run_tree(prompt: str, preset: str, **kwargs):
+    plan, _ = runner.prepare(prompt, preset=preset)
+    tree = TreeRenderer.for_plan(plan, **kwargs)
+    try:
+        result = runner.run(prompt, preset=preset, listeners=[tree])
+    except RunFailed as exc:
+        result = exc.result
+    return tree, result
+
+
+def walk(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from walk(child)
+
+
+def classes(widget) -> set[str]:
+    return set(widget._dom_classes)
+
+
+def test_tree_structure_titles_and_texts(config, chat_server):
+    tree, result = run_tree("Why is the sky blue?", "deep")
+    assert result.ok
+    root = tree.widget
+    assert "moa-tree" in classes(root)
+    header, layer1, layer2, final = root.children
+    assert "moa-header" in classes(header)
+    assert "preset deep" in header.value and ">done<" in header.value
+    assert "3 layers: 2×2 proposers + aggregator" in header.value
+
+    for number, section in ((1, layer1), (2, layer2)):
+        assert isinstance(section, w.Accordion)
+        assert {"moa-layer", f"moa-layer-{number}"} <= classes(section)
+        assert section.titles[0] == f"Layer {number} · 2 proposers · 2 done"
+    # the run moved on: earlier layers are closed, the final answer is open
+    assert layer1.selected_index is None and layer2.selected_index is None
+    assert final.selected_index == 0
+
+    nodes = [n for n in walk(root) if "moa-node" in classes(n)]
+    assert len(nodes) == 4
+    for node, (layer, index, model) in zip(nodes, [(1, 1, "a"), (1, 2, "b"), (2, 1, "c"), (2, 2, "d")]):
+        assert isinstance(node, w.Accordion) and len(node.children) == 1
+        assert f"moa-node-{layer}-{index}" in classes(node) and "moa-status-done" in classes(node)
+        title = node.titles[0]
+        assert title.startswith(f"✓ L{layer}.{index} · fake:{model} · done · ")
+        assert "ttft" in title and "tok" in title
+        text = node.children[0]
+        assert "moa-node-text" in classes(text)
+        assert text.value == render(result.layers[layer - 1][index - 1].text)
+        assert f"{model} says: Why is the sky blue?" in html.unescape(text.value)
+
+    assert "moa-final-section" in classes(final)
+    assert final.titles[0].startswith("✓ aggregator · fake:agg · done")
+    assert "moa-final" in classes(tree.final_widget)
+    assert tree.final_widget.value == render(result.final)
+    assert tree._flusher is not None and not tree._flusher.is_alive()  # ticker stopped
+
+
+def test_failed_proposer_shows_its_error(config, chat_server):
+    chat_server.script(model="b", reply=Reply(status=500))
+    tree, result = run_tree("Q", "fake")
+    assert result.ok
+    node = tree.nodes[(1, 1)]
+    assert "moa-status-failed" in classes(node.section)
+    assert node.section.titles[0].startswith("✗ L1.2 · fake:b · failed")
+    assert "moa-error" in node.text.value and "500" in node.text.value
+    assert tree.layer_sections[0].titles[0] == "Layer 1 · 3 proposers · 2 done, 1 failed"
+
+
+def test_run_without_final_answer_keeps_the_layer_open(config, chat_server):
+    chat_server.script(reply=Reply(status=500))
+    tree, result = run_tree("Q", "fake")
+    assert result.status == "failed"
+    assert tree.layer_sections[0].selected_index == 0
+    assert ">failed<" in tree.header.value
+    assert "moa-status-skipped" in classes(tree.final.section)
+    assert "fewer than min_ok" in tree.final_widget.value
+
+
+def test_hostile_model_text_is_inert_in_the_widgets(config, chat_server):
+    chat_server.script(reply=Reply(text=HOSTILE))
+    tree, result = run_tree("Q", "fake")
+    assert result.ok
+    html_widgets = [x for x in walk(tree.widget) if isinstance(x, w.HTML)]
+    assert len(html_widgets) == 1 + 3 + 1
+    for widget in html_widgets:
+        assert_inert_html(widget.value)
+    assert "&lt;script&gt;" in tree.final_widget.value
+    for node in tree.nodes.values():
+        assert "\x1b" not in node.section.titles[0]
+
+
+def test_widget_updates_are_coalesced(config, chat_server):
+    """6 proposers × 500 tokens with small chunk delays: bounded pushes, exact final texts."""
+    chunks = [f"tok{i} " for i in range(500)]
+    chat_server.script(match=lambda b: b["model"].startswith("p"),
+                       reply=Reply(chunks=chunks, chunk_delay=0.002))
+    plan, _ = runner.prepare("Count", preset="six")
+    tree = TreeRenderer.for_plan(plan)
+    counts = {key: 0 for key in tree.nodes}
+    times = {key: [] for key in tree.nodes}
+    values = {key: [] for key in tree.nodes}
+    lock = threading.Lock()
+
+    def counter(key):
+        def on_change(change):
+            with lock:
+                counts[key] += 1
+                times[key].append(time.perf_counter())
+                values[key].append(change["new"])
+        return on_change
+
+    for key, node in tree.nodes.items():
+        node.text.observe(counter(key), names="value")
+    started = time.perf_counter()
+    result = runner.run("Count", preset="six", listeners=[tree])
+    duration = time.perf_counter() - started
+    assert result.ok
+    expected = "".join(chunks)
+    for key, node in tree.nodes.items():
+        record = result.layers[0][key[1]]
+        assert record.text == expected
+        assert node.text.value == render(expected)  # the final state is exact
+    total = sum(counts.values())
+    print(f"\nwidget text updates: {counts} total {total} for 6×500 deltas in {duration:.2f}s")
+    assert total < 6 * 500 / 5
+    for key, stamps in times.items():
+        # at most one push per 50 ms window, plus the start and final pushes
+        assert counts[key] <= duration / 0.05 + 3
+        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        assert sum(g < 0.045 for g in gaps) <= 2, gaps
+        # while streaming: escaped plain text; at the end: rendered Markdown
+        assert any('class="moa-streaming"' in v for v in values[key][:-1])
+        assert values[key][-1] == render(expected)
+
+
+def test_costly_pushes_slow_down():
+    from moa_magic.widgets import _Node
+
+    node = _Node(w, "t", ["moa-node"], "moa-node-text", True, None)
+    node.last_push, node.cost = 10.0, 0.001
+    assert node.due(10.05, 0.05) and not node.due(10.04, 0.05)
+    node.cost = 0.03  # a 30 ms Markdown render: wait 300 ms before the next one
+    assert not node.due(10.2, 0.05) and node.due(10.3, 0.05)
+
+
+def test_header_ticks_while_running_and_stops(config, chat_server):
+    chat_server.script(model="agg", reply=Reply(text="slow answer", delay=0.6))
+    plan, _ = runner.prepare("Q", preset="fake")
+    tree = TreeRenderer.for_plan(plan)
+    values = []
+    tree.header.observe(lambda change: values.append(change["new"]), names="value")
+    result = runner.run("Q", preset="fake", listeners=[tree])
+    assert result.ok
+    running = [v for v in values if ">running<" in v]
+    elapsed = {re.search(r"(\d+\.\d\d)s", v).group(1) for v in running}
+    assert len(elapsed) >= 3  # the elapsed time moved during the 0.6 s wait
+    assert ">done<" in values[-1]
+    n = len(values)
+    time.sleep(0.3)
+    assert len(values) == n  # no ticks after the end
+
+
+def test_for_result_renders_a_finished_run(config, chat_server):
+    result = runner.run("Q", preset="fake")
+    tree = TreeRenderer.for_result(result)
+    assert tree.final_widget.value == render(result.final)
+    assert all("moa-status-done" in classes(n.section) for n in tree.nodes.values())
+    assert ">done<" in tree.header.value
