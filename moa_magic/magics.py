@@ -38,26 +38,10 @@ _PLACEHOLDER = re.compile(r"(\\?)\{\{\s*([^{}\n]*?)\s*\}\}")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
-class _AnyKey(dict):
-    def __missing__(self, key):
-        return ""
-
-
-def _argparse_help(kwargs: dict) -> dict:
-    """argparse %-formats help strings: a bare '%' (e.g. '%moa list') must become '%%'."""
-    text = kwargs.get("help")
-    if isinstance(text, str):
-        try:
-            text % _AnyKey()
-        except (ValueError, TypeError):
-            return dict(kwargs, help=text.replace("%", "%%"))
-    return kwargs
-
-
 def _with_run_options(func):
     """Apply the shared RUN_OPTIONS (options.py) as magic_arguments, in their order."""
     for flags, kwargs in reversed(RUN_OPTIONS):
-        func = magic_arguments.argument(*flags, **_argparse_help(kwargs))(func)
+        func = magic_arguments.argument(*flags, **kwargs)(func)
     return func
 
 

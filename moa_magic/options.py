@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
-    (("--preset",), dict(help="preset name (see `moa --list` / `%moa list`)")),
+    (("--preset",), dict(help="preset name (see `moa --list` / `%%moa list`)")),
     (("--config",), dict(metavar="FILE", help="config file (default: $MOA_MAGIC_CONFIG, ./moa.toml, user config dir)")),
     (("-p", "--proposer"), dict(action="append", metavar="MODEL", dest="proposers",
                                 help="provider:model of a proposer; repeat for several; used in every proposer layer")),
@@ -14,10 +14,18 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--system",), dict(metavar="TEXT", help="system prompt for every call")),
     (("--aggregator-prompt",), dict(metavar="TEXT", help="replace the aggregate-and-synthesize prompt")),
     (("--min-ok",), dict(type=int, metavar="N", help="proposers that must succeed for a layer to go on (default 1)")),
+    (("--max-cost",), dict(type=float, metavar="USD",
+                           help="do not start a run whose upper-bound cost exceeds USD "
+                                "(or whose cost is unknown); see --dry-run")),
+    (("--dry-run",), dict(action="store_true",
+                          help="send nothing: show layer 1's exact input tokens and the token and "
+                               "cost bounds per layer, then stop")),
 ]
 
 RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
-            "system", "aggregator_prompt", "min_ok")
+            "system", "aggregator_prompt", "min_ok", "max_cost")
+# Not run() options: front-end flags read by the CLI and the magic themselves.
+FRONTEND_KEYS = ("dry_run",)
 
 
 def run_options(namespace, **defaults) -> dict:
