@@ -40,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if prompt is None:
             raise MoaUserError("No prompt given: `moa \"your question\"`, or `moa -` to read stdin.")
+        if args.dry_run:
+            from .runner import estimate_run
+
+            estimate = estimate_run(prompt, **run_options(args))
+            if args.json:
+                print(json.dumps(estimate.to_dict(), indent=2, ensure_ascii=False))
+            else:
+                print(estimate.text())
+            return 0
         from .terminal import TerminalRenderer
 
         renderer = TerminalRenderer(

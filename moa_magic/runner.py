@@ -86,8 +86,14 @@ def prepare(
     system: str | None = None,
     aggregator_prompt: str | None = None,
     min_ok: int | None = None,
+    max_cost: float | None = None,
 ) -> tuple[Plan, Config]:
-    """Check everything that can be checked before a request is sent."""
+    """Check everything that can be checked before a request is sent.
+
+    With `max_cost` (USD), a run whose upper-bound cost (see `estimate.py`) exceeds it, or whose
+    cost cannot be bounded because a price is unknown, raises `estimate.CostLimitExceeded` (a
+    MoaUserError carrying the estimate) here, before anything starts.
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise MoaUserError("The prompt is empty: give the question or instruction to answer.")
     cfg = config if isinstance(config, Config) else load_config(config)
@@ -96,7 +102,27 @@ def prepare(
         temperature=temperature, max_tokens=max_tokens, system=system,
         aggregator_prompt=aggregator_prompt, min_ok=min_ok,
     )
+    if max_cost is not None:
+        from .estimate import check_max_cost, estimate_plan, validate_max_cost
+
+        limit = validate_max_cost(max_cost)
+        check_max_cost(estimate_plan(plan, prompt, cfg.prices), limit)
     return plan, cfg
+
+
+def estimate_run(prompt: str, *, max_cost: float | None = None, **options):
+    """The dry run: token and cost bounds per layer (an `estimate.Estimate`), sending nothing.
+
+    Takes run()'s options; `prepare` checks them as for a run, but the worker loop is not started
+    and no request is made. With `max_cost` the estimate also says whether the run would start.
+    """
+    from dataclasses import replace
+
+    from .estimate import estimate_plan, validate_max_cost
+
+    limit = validate_max_cost(max_cost)
+    plan, cfg = prepare(prompt, **options)
+    return replace(estimate_plan(plan, prompt, cfg.prices), max_cost=limit)
 
 
 def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = ()):
@@ -112,9 +138,28 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
         try:
             return await engine.run()
         finally:
+            _record_usage(engine.result, plan, cfg)
             finished.set()
 
     return engine, worker.submit(guarded()), finished
+
+
+def _record_usage(result: MoaResult, plan: Plan, cfg: Config) -> None:
+    """Add the ended run (done, failed or cancelled) to the session ledger; never raises."""
+    try:
+        from . import prices, usage
+
+        calls = {call.spec: call for call in plan.calls()}
+
+        def price_of(spec: str):
+            call = calls.get(spec)
+            return None if call is None else prices.price_for(call.provider, call.model, cfg.prices)
+
+        usage.record_run(result, price_of)
+    except Exception:  # noqa: BLE001 - bookkeeping must not break a run
+        import logging
+
+        logging.getLogger("moa_magic").exception("moa-magic could not record the run's usage")
 
 
 def wait(future: concurrent.futures.Future, finished: threading.Event) -> MoaResult:
@@ -135,7 +180,8 @@ def run(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaRes
     """Run a Mixture-of-Agents synchronously and return its result.
 
     Options: preset, proposers, aggregator, layers (the paper's L), temperature, max_tokens, system,
-    aggregator_prompt, min_ok, config (a Config or a path). Raises RunFailed (with `.result`) when
+    aggregator_prompt, min_ok, config (a Config or a path), max_cost (USD: refuse to start a run
+    whose upper-bound cost exceeds it or cannot be bounded). Raises RunFailed (with `.result`) when
     no final answer came; `last_result()` holds the partial run after an interrupt too.
     """
     plan, cfg = prepare(prompt, **options)
