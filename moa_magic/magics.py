@@ -13,7 +13,6 @@ re-raises so the kernel reports the interrupt.
 
 from __future__ import annotations
 
-import concurrent.futures
 import keyword
 import queue
 import re
@@ -223,16 +222,11 @@ class MoaMagics(Magics):
         # blank lines around the prompt are layout, not content (indentation of the first line is kept)
         prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
         options = run_options(args, **self._defaults())
-        dry_run = bool(options.pop("dry_run", None) or getattr(args, "dry_run", False))
-
         from . import runner
 
-        if dry_run:
-            estimate = getattr(runner, "estimate_run", None)
-            if estimate is None:
-                raise UsageError("--dry-run is not available in this version of moa-magic.")
+        if args.dry_run:
             try:
-                display(estimate(prompt, **options))
+                display(runner.estimate_run(prompt, **options))
             except MoaUserError as exc:
                 raise UsageError(str(exc)) from None
             return None
@@ -305,7 +299,7 @@ class MoaMagics(Magics):
         result = engine.result
         interrupted = False
         try:
-            _wait(future, finished, pump)
+            runner.wait(future, finished, tick=pump)
         except KeyboardInterrupt:
             interrupted = True
             if result.status == "running":  # the engine did not get to mark it within the grace
@@ -398,15 +392,9 @@ class MoaMagics(Magics):
         display(StaticRun(result))
 
     def _cmd_usage(self, rest: str) -> None:
-        import importlib
-        import importlib.util
+        from .usage import session_summary
 
-        if importlib.util.find_spec(f"{__package__}.usage") is None:
-            raise UsageError("%moa usage is not available in this version of moa-magic.")
-        usage = importlib.import_module(f"{__package__}.usage")
-        if not hasattr(usage, "session_summary"):
-            raise UsageError("%moa usage is not available in this version of moa-magic.")
-        display(usage.session_summary())
+        display(session_summary())
 
     def _cmd_help(self, rest: str) -> None:
         traits = "\n".join(
@@ -422,22 +410,6 @@ class MoaMagics(Magics):
         from . import __version__
 
         print(f"moa-magic {__version__}")
-
-
-def _wait(future: concurrent.futures.Future, finished, pump: _Pump):
-    """`runner.wait` that also prints queued progress text from the main thread."""
-    from .runner import CANCEL_GRACE_S
-
-    try:
-        while True:
-            try:
-                return future.result(timeout=0.05)
-            except concurrent.futures.TimeoutError:
-                pump()
-    except KeyboardInterrupt:
-        future.cancel()
-        finished.wait(CANCEL_GRACE_S)
-        raise
 
 
 # --- extension hooks ------------------------------------------------------------------------------

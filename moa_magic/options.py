@@ -24,8 +24,7 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
 
 RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
             "system", "aggregator_prompt", "min_ok", "max_cost")
-# Not run() options: front-end flags read by the CLI and the magic themselves.
-FRONTEND_KEYS = ("dry_run",)
+# --dry-run is not a run() option: the CLI and the magic read it themselves.
 
 
 def run_options(namespace, **defaults) -> dict:

@@ -13,7 +13,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .config import Config, load_config
 from .errors import MoaUserError, RunFailed
@@ -77,16 +77,9 @@ def prepare(
     prompt: str,
     *,
     config: Config | str | None = None,
-    preset: str | None = None,
-    proposers: list[str] | None = None,
-    aggregator: str | None = None,
-    layers: int | None = None,
-    temperature: float | None = None,
-    max_tokens: int | None = None,
-    system: str | None = None,
-    aggregator_prompt: str | None = None,
-    min_ok: int | None = None,
     max_cost: float | None = None,
+    check_keys: bool = True,
+    **plan_options,
 ) -> tuple[Plan, Config]:
     """Check everything that can be checked before a request is sent.
 
@@ -97,11 +90,7 @@ def prepare(
     if not isinstance(prompt, str) or not prompt.strip():
         raise MoaUserError("The prompt is empty: give the question or instruction to answer.")
     cfg = config if isinstance(config, Config) else load_config(config)
-    plan = build_plan(
-        cfg, preset=preset, proposers=proposers, aggregator=aggregator, layers=layers,
-        temperature=temperature, max_tokens=max_tokens, system=system,
-        aggregator_prompt=aggregator_prompt, min_ok=min_ok,
-    )
+    plan = build_plan(cfg, check_keys=check_keys, **plan_options)
     if max_cost is not None:
         from .estimate import check_max_cost, estimate_plan, validate_max_cost
 
@@ -113,15 +102,16 @@ def prepare(
 def estimate_run(prompt: str, *, max_cost: float | None = None, **options):
     """The dry run: token and cost bounds per layer (an `estimate.Estimate`), sending nothing.
 
-    Takes run()'s options; `prepare` checks them as for a run, but the worker loop is not started
-    and no request is made. With `max_cost` the estimate also says whether the run would start.
+    Takes run()'s options and checks them as for a run, except that API keys need not be set yet:
+    pricing a run comes before buying a key. The worker loop is not started and no request is
+    made. With `max_cost` the estimate also says whether the run would start.
     """
     from dataclasses import replace
 
     from .estimate import estimate_plan, validate_max_cost
 
     limit = validate_max_cost(max_cost)
-    plan, cfg = prepare(prompt, **options)
+    plan, cfg = prepare(prompt, check_keys=False, **options)
     return replace(estimate_plan(plan, prompt, cfg.prices), max_cost=limit)
 
 
@@ -162,14 +152,20 @@ def _record_usage(result: MoaResult, plan: Plan, cfg: Config) -> None:
         logging.getLogger("moa_magic").exception("moa-magic could not record the run's usage")
 
 
-def wait(future: concurrent.futures.Future, finished: threading.Event) -> MoaResult:
-    """Block until the run ends; on KeyboardInterrupt cancel every request, then re-raise."""
+def wait(future: concurrent.futures.Future, finished: threading.Event,
+         tick: Callable[[], None] | None = None) -> MoaResult:
+    """Block until the run ends, calling `tick` every 50 ms (the magic prints queued progress).
+
+    On KeyboardInterrupt cancel every request, give the engine a moment to mark the result
+    cancelled, then re-raise.
+    """
     try:
         while True:
             try:
-                return future.result(timeout=0.1)
+                return future.result(timeout=0.05)
             except concurrent.futures.TimeoutError:
-                continue
+                if tick is not None:
+                    tick()
     except KeyboardInterrupt:
         future.cancel()
         finished.wait(CANCEL_GRACE_S)

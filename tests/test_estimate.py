@@ -320,3 +320,13 @@ def test_estimate_plan_directly_from_a_plan(moa_config):
     assert estimate.output_max == 4 * 7
     assert estimate.tokens_max == estimate.input_max + estimate.output_max
     assert estimate.max_cost is None
+
+
+def test_dry_run_prices_a_run_before_its_key_is_set(chat_server, moa_config):
+    from moa_magic.errors import MissingKeyError
+
+    estimate = runner.estimate_run("hi", preset="fake", aggregator="fakekey:agg")
+    assert estimate.layers[-1].calls[0].model == "fakekey:agg"
+    with pytest.raises(MissingKeyError):
+        moa_magic.run("hi", preset="fake", aggregator="fakekey:agg")
+    assert chat_server.requests == []
