@@ -43,6 +43,15 @@ if TYPE_CHECKING:
 
 INTERVAL_S = 0.05
 NODE_TEXT_MAX_HEIGHT = "14em"
+# Our own constant CSS (no model text): tighter nodes, normal line height, a marked final answer.
+TREE_CSS = """<style>
+.moa-tree .widget-html-content { line-height: 1.45; }
+.moa-tree .moa-node-text p, .moa-tree .moa-final p { margin: 0.2em 0 0.5em; }
+.moa-tree .jupyter-widget-Collapse-contents { padding: 4px 10px 6px; }
+.moa-tree .jupyter-widget-Collapse-header { padding: 3px 8px; }
+.moa-tree .moa-final-section .jupyter-widget-Collapse-header { background: #e8f0fe; }
+.moa-tree .moa-layer > .jupyter-widget-Collapse > .jupyter-widget-Collapse-header { color: #222; }
+</style>"""
 HEADER_STYLE = "font-family: var(--jp-code-font-family, monospace); font-size: 0.9em;"
 
 
@@ -142,7 +151,7 @@ class TreeRenderer:
         self.final = _Node(
             w, f"… aggregator · {aggregator} · waiting", ["moa-final-section"], "moa-final", True, None,
         )
-        self.widget = w.VBox([self.header, *self.layer_sections, self.final.section])
+        self.widget = w.VBox([w.HTML(TREE_CSS), self.header, *self.layer_sections, self.final.section])
         self.widget.add_class("moa-tree")
 
     @classmethod

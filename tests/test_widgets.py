@@ -74,7 +74,8 @@ def test_tree_structure_titles_and_texts(config, chat_server):
     assert result.ok
     root = tree.widget
     assert "moa-tree" in classes(root)
-    header, layer1, layer2, final = root.children
+    style, header, layer1, layer2, final = root.children
+    assert style.value.startswith("<style>")
     assert "moa-header" in classes(header)
     assert "preset deep" in header.value and ">done<" in header.value
     assert "3 layers: 2×2 proposers + aggregator" in header.value
@@ -133,6 +134,8 @@ def test_hostile_model_text_is_inert_in_the_widgets(config, chat_server):
     tree, result = run_tree("Q", "fake")
     assert result.ok
     html_widgets = [x for x in walk(tree.widget) if isinstance(x, w.HTML)]
+    assert html_widgets[0].value.startswith("<style>") and "<" not in html_widgets[0].value[7:-8]
+    html_widgets = html_widgets[1:]  # our constant CSS; the rest carry model text
     assert len(html_widgets) == 1 + 3 + 1
     for widget in html_widgets:
         assert_inert_html(widget.value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,33 @@ def artifacts_dir(tmp_path) -> Path:
     d = Path(os.environ.get("MOA_BROWSER_ARTIFACTS") or (tmp_path / "artifacts"))
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+@pytest.fixture
+def chat_server():
+    """tests/conftest.py's fake server, stopped from a helper thread.
+
+    Playwright's sync API keeps an asyncio loop marked as running in the main thread while
+    the session's Chromium is up, and ChatServer.stop() calls loop.run_until_complete(), which
+    refuses to run there ("Cannot run the event loop while another loop is running").
+    """
+    from chat_server import ChatServer
+
+    server = ChatServer().start()
+    try:
+        yield server
+    finally:
+        failure: list[BaseException] = []
+
+        def stop():
+            try:
+                server.stop()
+            except BaseException as exc:  # pragma: no cover
+                failure.append(exc)
+
+        t = threading.Thread(target=stop, name="chat-server-stop")
+        t.start()
+        t.join(30)
+        if failure:
+            raise failure[0]
+    assert not server.errors, f"the fake server itself failed: {server.errors!r}"
