@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # `from chat_server import ChatServer, Reply`
 
-from chat_server import ChatServer, Reply  # noqa: E402
+from chat_server import MOA_TOML, ChatServer, Reply  # noqa: E402
 
 __all__ = ["ChatServer", "Reply"]
 
@@ -46,18 +46,6 @@ def shared_chat_server(_shared_chat_server_session):
     _shared_chat_server_session.reset()
 
 
-MOA_TOML = """\
-[providers.fake]
-base_url = "{url}"
-
-[providers.fakekey]
-base_url = "{url}"
-api_key_env = "MOA_TEST_KEY"
-
-[presets.fake]
-layers = [["fake:a", "fake:b", "fake:c"]]
-aggregator = "fake:agg"
-"""
 
 
 @pytest.fixture

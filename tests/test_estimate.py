@@ -14,7 +14,7 @@ from chat_server import Reply
 from moa_magic import method, runner, tokens
 from moa_magic.estimate import JOIN_SLACK, CostLimitExceeded, estimate_plan
 from moa_magic.errors import MoaUserError
-from conftest import MOA_TOML
+from chat_server import MOA_TOML
 
 PRICES = """
 [prices."fake:a"]

@@ -13,7 +13,7 @@ import moa_magic
 from chat_server import Reply
 from moa_magic import usage
 from moa_magic.errors import RunFailed
-from conftest import MOA_TOML
+from chat_server import MOA_TOML
 
 PRICES = """
 [prices."fake:a"]
