@@ -7,10 +7,13 @@ layers or widgets: it turns one request into text deltas, reported usage and a c
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import json
+import os
 import random
 import re
+import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -21,6 +24,8 @@ import aiohttp
 from .config import Provider, RunSettings
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
+# A run of this many characters of the key in a server message is scrubbed (see `redact`).
+KEY_FRAGMENT = 10
 _sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # Servers that refused `stream_options` once are not sent it again (keyed by base URL).
 _no_stream_options: set[str] = set()
@@ -86,6 +91,39 @@ def _server_message(status: int, body: str) -> str:
     return text[:300] or f"HTTP {status} with an empty body"
 
 
+def redact(text: str, key: str | None) -> str:
+    """`text` with the API key scrubbed: servers echo keys (fully or in part) in error messages.
+
+    Every occurrence of the whole key, and of any fragment of it of KEY_FRAGMENT characters or
+    more, becomes `***`; a short public prefix such as `sk-live-` may remain.
+    """
+    if not key or not text or len(key) < 4:
+        return text
+    if len(key) <= KEY_FRAGMENT:
+        return text.replace(key, "***")
+    spans = []
+    for start in range(len(key) - KEY_FRAGMENT + 1):
+        piece = key[start:start + KEY_FRAGMENT]
+        found = text.find(piece)
+        while found != -1:
+            spans.append((found, found + KEY_FRAGMENT))
+            found = text.find(piece, found + 1)
+    if not spans:
+        return text
+    spans.sort()
+    merged = [list(spans[0])]
+    for begin, end in spans[1:]:
+        if begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    out, last = [], 0
+    for begin, end in merged:
+        out.append(text[last:begin] + "***")
+        last = end
+    return "".join(out) + text[last:]
+
+
 def _retry_after(headers) -> float | None:
     value = headers.get("Retry-After")
     if not value:
@@ -93,8 +131,14 @@ def _retry_after(headers) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:  # an HTTP-date; an unparseable value means "no advice": plain backoff applies
         parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, parsed.timestamp() - time.time())
 
 
 def backoff_delay(attempt: int, settings: RunSettings, retry_after: float | None) -> float:
@@ -130,6 +174,9 @@ async def stream_chat(
             )
         except CallError as exc:
             error = exc
+            scrubbed = redact(str(exc), provider.api_key())
+            if scrubbed != str(exc):
+                error = CallError(scrubbed, exc.retryable, exc.retry_after, exc.status)
         if not error.retryable or attempt > settings.retries:
             if attempt > 1 and error.retryable:
                 raise CallError(f"{error} (gave up after {attempt} attempts)", status=error.status)
@@ -162,6 +209,11 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
             session().post(url, json=payload, headers=headers, timeout=timeout),
             settings.first_byte_timeout,
         )
+    except aiohttp.ServerTimeoutError:  # raised by aiohttp for connect/sock_connect; a TimeoutError too
+        raise CallError(
+            f"cannot connect to {base_url} ({provider.name}) within {settings.connect_timeout:g} s "
+            f"(connect_timeout)", retryable=True
+        ) from None
     except asyncio.TimeoutError:
         raise CallError(
             f"{provider.name} sent no response within {settings.first_byte_timeout:g} s "
@@ -169,8 +221,8 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         ) from None
     except aiohttp.ClientConnectorError as exc:
         raise CallError(
-            f"cannot connect to {base_url} ({provider.name}): {exc.os_error.strerror or exc}"
-            + (" — is the server running?" if provider.local else ""),
+            f"cannot connect to {base_url} ({provider.name}): {_os_reason(exc)}"
+            + (f" — is the server running? {provider.start_hint}".rstrip() if provider.local else ""),
             retryable=True,
         ) from None
     except aiohttp.ClientError as exc:
@@ -179,7 +231,7 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         if response.status != 200:
             text = await _read_text(response, settings)
             message = _server_message(response.status, text)
-            if with_options and response.status in (400, 422):
+            if with_options and response.status in (400, 422) and "stream_options" in text:
                 # Some servers reject stream_options; retry once without and remember.
                 _no_stream_options.add(base_url)
                 try:
@@ -209,6 +261,15 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
                 f"stream (is base_url {base_url} right?): {snippet[:200]}"
             )
     return reply
+
+
+def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    """'Connection refused' rather than asyncio's "Connect call failed ('127.0.0.1', 8000)"."""
+    error = getattr(exc, "os_error", None)
+    number = getattr(error, "errno", None)
+    if isinstance(number, int) and number > 0 and not isinstance(error, socket.gaierror):
+        return os.strerror(number)
+    return getattr(error, "strerror", None) or str(exc)
 
 
 async def _read_text(response, settings) -> str:
@@ -257,8 +318,10 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply, sta
             raise CallError(
                 f"{provider.name} stream stalled: nothing for {limit:g} s ({which})", retryable=True
             ) from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
             raise CallError(f"{provider.name} stream broke: {exc}", retryable=True) from None
+        except (ValueError, aiohttp.http_exceptions.HttpProcessingError):  # LineTooLong
+            raise CallError(f"{provider.name} sent a stream line too long to read") from None
         first = False
         if not raw:  # end of body
             if data_lines:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from typing import Iterable
 
 from . import client, method, prices, tokens
@@ -151,7 +152,9 @@ class Engine:
         }
         if call.seed is not None:
             body["seed"] = call.seed
-        async with overall, per_provider[call.provider.name]:
+        # The provider's slot first: a call queued behind its own provider's limit must not hold
+        # one of the overall slots, which would keep other providers' calls waiting for nothing.
+        async with per_provider[call.provider.name], overall:
             record.messages = messages
             record.prompt_tokens = tokens.count_messages(call.model, messages)
             record.status = "streaming"
@@ -180,8 +183,11 @@ class Engine:
                 self._fail(call, record, str(exc), started)
                 return
             except Exception as exc:  # never let one call's surprise end the layer
-                log.exception("unexpected error in call %s", record.model)
-                self._fail(call, record, f"unexpected error: {type(exc).__name__}: {exc}", started)
+                key = call.provider.api_key()  # the traceback's text is scrubbed of it too
+                trace = client.redact("".join(traceback.format_exception(exc)), key)
+                log.error("unexpected error in call %s\n%s", record.model, trace.rstrip())
+                error = client.redact(f"{type(exc).__name__}: {exc}", key)
+                self._fail(call, record, f"unexpected error: {error}", started)
                 return
             record.latency_s = time.perf_counter() - started
             record.attempts = reply.attempts

@@ -122,16 +122,27 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
 
     engine = Engine(plan, prompt, listeners, cfg.prices)
     _last_result = engine.result
-    finished = threading.Event()
+    started, finished = threading.Event(), threading.Event()
 
     async def guarded():
+        started.set()
         try:
             return await engine.run()
         finally:
             _record_usage(engine.result, plan, cfg)
             finished.set()
 
-    return engine, worker.submit(guarded()), finished
+    def cancelled_before_start(future: concurrent.futures.Future) -> None:
+        # Ctrl-C right after submit: the task never ran, so nothing else marks the result.
+        if future.cancelled() and not started.is_set():
+            engine.result.status, engine.result.error = "cancelled", "interrupted"
+            for record in engine.result.calls():
+                record.status = "cancelled"
+            finished.set()
+
+    future = worker.submit(guarded())
+    future.add_done_callback(cancelled_before_start)
+    return engine, future, finished
 
 
 def _record_usage(result: MoaResult, plan: Plan, cfg: Config) -> None:

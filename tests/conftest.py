@@ -55,3 +55,12 @@ def moa_config(tmp_path, chat_server, monkeypatch) -> Path:
     path.write_text(MOA_TOML.format(url=chat_server.url), "utf-8")
     monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
     return path
+
+
+BROWSER_TESTS = Path(__file__).parent / "browser"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Browser tests run last: Playwright's sync API keeps an event loop marked as running in the
+    main thread while Chromium is up, which every later `asyncio.run()` would trip over."""
+    items.sort(key=lambda item: BROWSER_TESTS in Path(str(item.fspath)).parents)

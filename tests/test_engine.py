@@ -390,3 +390,18 @@ def test_local_server_that_is_not_running_gets_a_clear_error(monkeypatch):
     error = info.value.result.layers[0][0].error
     assert f"cannot connect to http://127.0.0.1:{port}/v1 (ollama)" in error
     assert "ollama serve" in error
+
+
+def test_a_run_cancelled_before_its_task_starts_is_marked_cancelled(chat_server, moa_config):
+    from moa_magic import runner
+
+    plan, cfg = runner.prepare("never starts", preset="fake")
+    blocker = threading.Event()
+    runner.worker.loop().call_soon_threadsafe(blocker.wait, 2)  # keep the loop busy for a moment
+    engine, future, finished = runner.start(plan, cfg, "never starts")
+    future.cancel()
+    blocker.set()
+    assert finished.wait(1)
+    assert engine.result.status == "cancelled"
+    assert {r.status for r in engine.result.calls()} == {"cancelled"}
+    assert chats(chat_server) == []

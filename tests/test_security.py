@@ -1,0 +1,279 @@
+"""Keys never leak, model text never drives the terminal.
+
+A known key is set on provider `fakekey` (api_key_env = MOA_TEST_KEY); every kind of fault happens,
+some with server messages that echo the key in full or in part, and every output is scanned: the
+result (JSON, repr, str, text/Markdown/HTML renditions), events, errors, the live widget tree,
+log records of every logger at DEBUG, the terminal renderer's streams and the `moa` CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from aiohttp import web
+
+import moa_magic
+from chat_server import Reply
+from moa_magic import client, runner
+from moa_magic.errors import RunFailed
+from moa_magic.static import result_text
+from moa_magic.terminal import TerminalRenderer, terminal_safe
+
+SECRET = "sk-live-SECRET123"
+# Pieces a scan must not find either: the whole key and its secret part.
+FORBIDDEN = [SECRET, "SECRET123", "ECRET12"]
+
+SETTINGS = """
+[settings]
+retries = 1
+connect_timeout = 1
+first_byte_timeout = 0.5
+chunk_timeout = 0.5
+call_timeout = 3
+backoff_base = 0.01
+backoff_max = 0.02
+"""
+
+
+@pytest.fixture
+def keyed(moa_config, monkeypatch):
+    monkeypatch.setenv("MOA_TEST_KEY", SECRET)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead_port = sock.getsockname()[1]
+    sock.close()
+    moa_config.write_text(
+        moa_config.read_text()
+        + f'\n[providers.deadkey]\nbase_url = "http://127.0.0.1:{dead_port}/v1"\n'
+        + 'api_key_env = "MOA_TEST_KEY"\n'
+        + SETTINGS
+    )
+    return moa_config
+
+
+def _echo_server_patch(chat_server, monkeypatch):
+    """Replies the fake cannot script: 200 bodies that echo the key in odd places."""
+    original = chat_server._respond
+
+    async def respond(request, body, reply):
+        model = body.get("model")
+        auth = request.headers.get("Authorization", "")
+        key = auth.removeprefix("Bearer ")
+        if model == "json-error":
+            return web.json_response({"error": {"message": f"Key {key} is disabled", "code": 401}})
+        if model == "bad-json":
+            return web.Response(text=f'{{"key": "{key}", ', content_type="application/json")
+        if model == "html":
+            return web.Response(text=f"<html><body>Sign in, {key}</body></html>",
+                                content_type="text/html")
+        if model == "plain":
+            return web.Response(text=f"you sent {auth}", content_type="text/plain")
+        if model == "bad-chunk":
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(f'data: {{"auth": "{auth}", \n\n'.encode())
+            await resp.write_eof()
+            return resp
+        return await original(request, body, reply)
+
+    monkeypatch.setattr(chat_server, "_respond", respond)
+
+
+FAULTS = {
+    "401 partial echo": Reply(status=401, error_body={"error": {
+        "message": "Incorrect API key provided: sk-live-***. You can find your API key at "
+                   "https://platform.openai.com/account/api-keys.", "code": "invalid_api_key"}}),
+    "401 full echo": Reply(status=401, error_body={"error": {
+        "message": f"Incorrect API key provided: {SECRET}.", "code": "invalid_api_key"}}),
+    "401 masked middle": Reply(status=401, error_body={"error": {
+        "message": "Incorrect API key provided: sk-live-SECR*****T123."}}),
+    "403 text": Reply(status=403, error_body=f"Forbidden for Bearer {SECRET}"),
+    "429": Reply(status=429, headers={"Retry-After": "0"},
+                 error_body={"error": {"message": f"Rate limit for key {SECRET}"}}),
+    "500": Reply(status=500, error_body={"detail": f"crash while checking {SECRET}"}),
+    "502 html": Reply(status=502, error_body=f"<html><h1>Bad Gateway</h1><p>{SECRET}</p></html>"),
+    "400 context": Reply(status=400, error_body={"error": {
+        "message": f"This model's maximum context length is 8192 tokens (key {SECRET})."}}),
+    "error chunk": Reply(error_chunk={"message": f"key {SECRET} revoked mid-stream"}, error_after=1),
+    "break": Reply(text="one two three four", break_after=2),
+    "malformed": Reply(malformed_after=1),
+    "no done": Reply(no_done=True, finish_reason=None),
+    "empty choices": Reply(empty_choices=True),
+    "html page": Reply(html_page=True),
+    "hang": Reply(hang=True),
+    "stall": Reply(text="a b c", chunk_delay=1.0),
+}
+
+
+def _run_and_collect(prompt, proposers, aggregator, caplog):
+    """Run once with every renderer attached; return (result, every output as one string)."""
+    from moa_magic.widgets import TreeRenderer
+
+    progress, answer = io.StringIO(), io.StringIO()
+    events = []
+    options = dict(preset="fake", proposers=proposers, aggregator=aggregator)
+    plan, _ = runner.prepare(prompt, **options)
+    tree = TreeRenderer.for_plan(plan, interval=0.01)
+    outputs = []
+    try:
+        result = moa_magic.run(
+            prompt, listeners=[TerminalRenderer(progress, answer), events.append, tree], **options
+        )
+    except RunFailed as exc:
+        result = exc.result
+        outputs += [str(exc), repr(exc)]
+    tree.close()
+
+    def walk(widget):
+        yield widget
+        for child in getattr(widget, "children", ()):
+            yield from walk(child)
+
+    for widget in walk(tree.widget):
+        outputs += [str(getattr(widget, "value", "")), repr(getattr(widget, "titles", ""))]
+    outputs += [
+        json.dumps(result.to_dict(), ensure_ascii=False),
+        json.dumps(result.to_dict()),
+        repr(result), str(result), result_text(result),
+        result._repr_html_(), result._repr_markdown_(),
+        progress.getvalue(), answer.getvalue(),
+        *(repr(e) for e in events),
+        *(repr(r) for r in result.calls()),
+        *(caplog.text.splitlines()),
+        *(r.getMessage() for r in caplog.records),
+    ]
+    return result, "\n".join(outputs)
+
+
+def _assert_clean(blob: str) -> None:
+    for piece in FORBIDDEN:
+        assert piece not in blob, f"{piece!r} leaked: ...{blob[max(0, blob.find(piece) - 200):][:400]}"
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_no_fault_leaks_the_key(chat_server, keyed, caplog, fault):
+    caplog.set_level(logging.DEBUG)  # every logger, moa_magic and aiohttp included
+    chat_server.script(model="a", reply=FAULTS[fault])
+    chat_server.script(model="agg", reply=FAULTS[fault])
+    result, blob = _run_and_collect(
+        f"fault {fault}", ["fakekey:a", "fakekey:b"], "fakekey:agg", caplog
+    )
+    # the key really was sent, so the scan means something
+    assert chat_server.requests_for("a")[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert result.layers[0][0].status == "failed"
+    assert result.status == "failed" and result.aggregator.status == "failed"
+    _assert_clean(blob)
+
+
+def test_echoing_replies_and_unexpected_errors_do_not_leak_the_key(
+    chat_server, keyed, caplog, monkeypatch
+):
+    caplog.set_level(logging.DEBUG)
+    _echo_server_patch(chat_server, monkeypatch)
+    original = client._read_whole
+
+    def exploding(text, provider, on_delta, reply, started):  # a bug that quotes the key
+        if provider.name == "fakekey" and "weird" in text:
+            raise RuntimeError(f"surprise with {provider.api_key()} inside")
+        return original(text, provider, on_delta, reply, started)
+
+    monkeypatch.setattr(client, "_read_whole", exploding)
+    chat_server.script(model="weird", reply=Reply(text="weird", json_instead_of_sse=True))
+    proposers = ["fakekey:json-error", "fakekey:bad-json", "fakekey:html", "fakekey:plain",
+                 "fakekey:bad-chunk", "fakekey:weird", "deadkey:x", "fakekey:fine"]
+    result, blob = _run_and_collect("echo", proposers, "fakekey:agg", caplog)
+    errors = {r.model: r.error for r in result.layers[0]}
+    assert errors["fakekey:json-error"] == "fakekey reported an error: Key *** is disabled"
+    assert errors["fakekey:plain"].endswith("you sent Bearer ***")
+    assert errors["fakekey:weird"] == "unexpected error: RuntimeError: surprise with *** inside"
+    assert "cannot connect" in errors["deadkey:x"]
+    assert result.ok and result.layers[0][-1].ok
+    assert "unexpected error in call fakekey:weird" in caplog.text  # logged, with a traceback
+    _assert_clean(blob)
+
+
+def test_partial_key_echo_stays_readable_but_a_full_echo_is_scrubbed(chat_server, keyed):
+    chat_server.script(model="a", reply=FAULTS["401 partial echo"])
+    chat_server.script(model="b", reply=FAULTS["401 full echo"])
+    result = moa_magic.run("x", preset="fake", proposers=["fakekey:a", "fakekey:b", "fakekey:c"],
+                           aggregator="fakekey:agg")
+    a, b, _ = result.layers[0]
+    assert a.error.startswith(
+        "HTTP 401 from fakekey: Incorrect API key provided: sk-live-***. You can find"
+    )
+    assert b.error == (
+        "HTTP 401 from fakekey: Incorrect API key provided: ***. — check the key in MOA_TEST_KEY"
+    )
+
+
+def test_redact_scrubs_the_key_and_long_pieces_of_it():
+    key = "sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789"
+    assert client.redact(f"a {key} b {key}", key) == "a *** b ***"
+    assert client.redact(f"tail {key[-20:]} head {key[:15]}", key) == "tail *** head ***"
+    # what OpenAI echoes (prefix and the last four) stays: it identifies the key, not reveals it
+    assert client.redact("sk-proj-********6789", key) == "sk-proj-********6789"
+    assert client.redact("nothing here", key) == "nothing here"
+    assert client.redact("no key set", None) == "no key set"
+
+
+def test_the_cli_never_prints_the_key(chat_server, keyed):
+    for model, fault in [("a", "401 full echo"), ("b", "error chunk"), ("agg", "500")]:
+        chat_server.script(model=model, reply=FAULTS[fault])
+    env = dict(os.environ, MOA_MAGIC_CONFIG=str(keyed), MOA_TEST_KEY=SECRET)
+    for extra in (["--json"], [], ["--list"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "moa_magic", "--preset", "fake", "-p", "fakekey:a", "-p",
+             "fakekey:b", "-a", "fakekey:agg", *extra, "leak?"],
+            capture_output=True, text=True, env=env, timeout=60,
+        )
+        assert "Traceback" not in done.stderr
+        _assert_clean(done.stdout + done.stderr)
+    assert chat_server.requests_for("a")[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal: model text cannot move the cursor, retitle the window or plant a hyperlink.
+
+HOSTILE_CHUNKS = [
+    "plain ",
+    "\x1b[31mred\x1b[0m ",
+    "\x1b]8;;https://evil.example/\x1b\\click here\x1b]8;;\x1b\\ ",
+    "\x1b]0;pwned title\x07",
+    "\x1b[2J\x1b[H",  # clear screen, cursor home
+    "bell\x07 back\x08space\rcr \x9b31mC1-CSI ",
+    "\x1b[1",  # an escape sequence split across two deltas
+    ";31mtail",
+]
+
+
+def _assert_inert(text: str) -> None:
+    assert not any(ch in text for ch in "\x1b\x07\x08\r\x9b\x00"), repr(text)
+
+
+def test_model_text_is_stripped_in_the_terminal(chat_server, moa_config):
+    chat_server.script(model="agg", chunks=HOSTILE_CHUNKS)
+    chat_server.script(model="b", status=400,
+                       error_body={"error": {"message": "bad \x1b]8;;http://evil/\x07link\x1b]8;;\x07"}})
+    progress, answer = io.StringIO(), io.StringIO()
+    result = moa_magic.run("ansi", preset="fake", listeners=[TerminalRenderer(progress, answer)])
+    assert result.final == "".join(HOSTILE_CHUNKS)  # the record keeps the raw text
+    shown = answer.getvalue()
+    _assert_inert(shown)
+    _assert_inert(progress.getvalue())
+    assert "evil" not in progress.getvalue() and "bad link" in progress.getvalue()
+    assert "evil.example" not in shown and "pwned" not in shown
+    assert shown.startswith("plain red click here bell backspacecr 31mC1-CSI ")
+    _assert_inert(result_text(result))
+
+
+@pytest.mark.parametrize("text", HOSTILE_CHUNKS + ["".join(HOSTILE_CHUNKS)])
+def test_terminal_safe_leaves_no_control_characters(text):
+    _assert_inert(terminal_safe(text))
+    assert all(ch in "\t\n" or ch.isprintable() for ch in terminal_safe(text))
