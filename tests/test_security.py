@@ -277,3 +277,39 @@ def test_model_text_is_stripped_in_the_terminal(chat_server, moa_config):
 def test_terminal_safe_leaves_no_control_characters(text):
     _assert_inert(terminal_safe(text))
     assert all(ch in "\t\n" or ch.isprintable() for ch in terminal_safe(text))
+
+
+def test_a_saved_notebook_never_holds_the_key(chat_server, tmp_path, monkeypatch):
+    """Run the quickstart-like cells in a real kernel with a keyed provider that fails with an
+    echo of the key, then scan every byte of the saved notebook (outputs and widget state)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from test_notebooks import venv_kernel
+
+    secret = "sk-live-NOTEBOOK-7c1d9e2f4a6b"
+    config = tmp_path / "moa.toml"
+    config.write_text(
+        f'default_preset = "keyed"\n[providers.keyed]\nbase_url = "{chat_server.url}"\n'
+        'api_key_env = "MOA_TEST_KEY"\n[settings]\nretries = 0\n'
+        '[presets.keyed]\nlayers = [["keyed:a", "keyed:b"]]\naggregator = "keyed:agg"\n',
+        "utf-8",
+    )
+    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(config))
+    monkeypatch.setenv("MOA_TEST_KEY", secret)
+    chat_server.script(model="b", status=401,
+                       error_body={"error": {"message": f"Incorrect API key provided: {secret}"}})
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext moa_magic"),
+        nbformat.v4.new_code_cell("%moa list"),
+        nbformat.v4.new_code_cell("%%moa\nWhat is the key?"),
+        nbformat.v4.new_code_cell("_moa"),
+        nbformat.v4.new_code_cell("print(_moa.to_dict())\n%moa usage"),
+    ])
+    NotebookClient(nb, kernel_name=venv_kernel(), timeout=120,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    saved = tmp_path / "saved.ipynb"
+    nbformat.write(nb, saved)
+    text = saved.read_text("utf-8")
+    assert "Incorrect API key provided: ***" in text  # the failure is shown...
+    assert "MOA_TEST_KEY set" in text
+    assert secret not in text and secret[8:20] not in text  # ...without the key
