@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from . import method, prices, tokens
 from .errors import MoaUserError
+from .format import usd
 from .plan import ModelCall, Plan
 
 __all__ = [
@@ -255,12 +256,12 @@ class Estimate:
             )
         if self.max_cost is not None:
             if self.within_max_cost:
-                lines.append(f"--max-cost {_limit(self.max_cost)}: within, the run would start")
+                lines.append(f"--max-cost {usd(self.max_cost)}: within, the run would start")
             elif self.cost_max is None:
-                lines.append(f"--max-cost {_limit(self.max_cost)}: cannot be checked (price unknown), "
+                lines.append(f"--max-cost {usd(self.max_cost)}: cannot be checked (price unknown), "
                              f"the run would be refused")
             else:
-                lines.append(f"--max-cost {_limit(self.max_cost)}: upper bound {money(self.cost_max)} "
+                lines.append(f"--max-cost {usd(self.max_cost)}: upper bound {usd(self.cost_max)} "
                              f"exceeds it, the run would be refused")
         if self.approximate:
             lines.append("≈ counted with cl100k_base (the model's own tokenizer is not known): "
@@ -320,24 +321,10 @@ def _row(label, calls, input_min, input_max, exact, output_max, approx, cost_min
     if cost_max is None:
         cost = "price unknown"
     else:
-        cost = money(cost_max) if cost_min == cost_max else f"{money(cost_min)} – {money(cost_max)}"
+        cost = usd(cost_max) if cost_min == cost_max else f"{usd(cost_min)} – {usd(cost_max)}"
     return (label, str(calls), input_text, f"≤{output_max}", cost)
 
 
-def money(value: float | None) -> str:
-    """USD with 4 significant digits (bounds must not round across a --max-cost); None: unknown."""
-    if value is None:
-        return "price unknown"
-    if value == 0:
-        return "$0"
-    decimals = max(2, 3 - math.floor(math.log10(abs(value))))
-    text = f"{value:.{decimals}f}"
-    whole, _, frac = text.partition(".")
-    frac = frac.rstrip("0").ljust(2, "0")
-    return f"${whole}.{frac}"
-
-
-_limit = money
 
 
 def _call_estimate(call: ModelCall, label: str, messages_min: list[dict], messages_max: list[dict],
@@ -400,7 +387,7 @@ def check_max_cost(estimate: Estimate, max_cost: float | None) -> None:
     """Raise CostLimitExceeded when the run's upper-bound cost exceeds `max_cost` or is unknown."""
     if max_cost is None:
         return
-    limit = _limit(max_cost)
+    limit = usd(max_cost)
     if estimate.cost_max is None:
         names = ", ".join(estimate.unknown_prices)
         raise CostLimitExceeded(
@@ -412,7 +399,7 @@ def check_max_cost(estimate: Estimate, max_cost: float | None) -> None:
         )
     if estimate.cost_max > max_cost:
         raise CostLimitExceeded(
-            f"upper bound {money(estimate.cost_max)} exceeds --max-cost {limit}; the run was not "
+            f"upper bound {usd(estimate.cost_max)} exceeds --max-cost {limit}; the run was not "
             f"started. Lower --max-tokens, use fewer proposers or layers, or raise --max-cost.\n"
             f"{estimate.text()}",
             estimate,

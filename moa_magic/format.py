@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .result import CallRecord, MoaResult
 
 
@@ -10,11 +12,14 @@ def seconds(value: float | None) -> str:
 
 
 def usd(value: float | None) -> str:
+    """USD with 4 significant digits, so a small cost or bound never rounds across a limit."""
     if value is None:
         return "price unknown"
     if value == 0:
         return "$0"
-    return f"${value:.4f}" if value >= 0.0001 else f"${value:.6f}"
+    decimals = max(2, 3 - math.floor(math.log10(abs(value))))
+    whole, _, frac = f"{value:.{decimals}f}".partition(".")
+    return f"${whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
 def tokens(record: CallRecord) -> str:

@@ -165,7 +165,7 @@ def test_unknown_price_is_reported_not_zero(chat_server, moa_config):
     summary = usage.session_summary()
     assert summary.unknown_prices == ("fake:a",) and not summary.cost_complete
     assert summary.cost_usd == 0.5
-    assert "≥$0.5000 (price unknown)" in summary.text()
+    assert "≥$0.50 (price unknown)" in summary.text()
     assert "price unknown for fake:a" in summary.text()
     assert summary.to_dict()["cost_complete"] is False
 
