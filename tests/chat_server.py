@@ -19,7 +19,6 @@ Endpoints: ``POST /v1/chat/completions`` (SSE when ``"stream": true``, JSON othe
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import re
 import socket

@@ -174,7 +174,7 @@ def test_idempotent_and_thread_safe(fresh):
 
 @needs_extra
 def test_restarts_a_dead_server(fresh):
-    url = local.ensure_server()
+    local.ensure_server()
     pid = local.server_info()["pid"]
     os.kill(pid, signal.SIGKILL)
     # (not _wait_gone: a multi-threaded leader shows as zombie before waitpid can reap it)
