@@ -108,7 +108,9 @@ class Engine:
         except asyncio.CancelledError:
             result.status = "cancelled"
             result.error = "interrupted"
-            for record in result.calls():
+            for call, record in zip(plan.calls(), result.calls()):
+                if record.status == "streaming":  # sent: billed for what it streamed
+                    self._bill_partial(call, record)
                 if record.status in ("waiting", "streaming"):
                     record.status = "cancelled"
             raise
@@ -202,11 +204,15 @@ class Engine:
         record.status = "failed"
         record.error = error
         record.attempts = len(record.retries) + 1
-        if record.text:  # a stream that broke after output was billed for what it sent
+        self._bill_partial(call, record)
+        self.emit(CallFailed(record))
+
+    def _bill_partial(self, call: ModelCall, record: CallRecord) -> None:
+        """A call that ended early is billed for what it streamed, or nothing before any output."""
+        if record.text:
             self._price(call.provider, call.model, record)
         else:
-            record.cost_usd, record.price_source = 0.0, "not billed (failed before any output)"
-        self.emit(CallFailed(record))
+            record.cost_usd, record.price_source = 0.0, "not billed (ended before any output)"
 
     def _price(self, provider: Provider, model: str, record: CallRecord) -> None:
         price = prices.price_for(provider, model, self.user_prices)

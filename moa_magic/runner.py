@@ -129,7 +129,7 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
         try:
             return await engine.run()
         finally:
-            _record_usage(engine.result, plan, cfg)
+            _record_usage(engine.result)
             finished.set()
 
     def cancelled_before_start(future: concurrent.futures.Future) -> None:
@@ -145,18 +145,12 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
     return engine, future, finished
 
 
-def _record_usage(result: MoaResult, plan: Plan, cfg: Config) -> None:
+def _record_usage(result: MoaResult) -> None:
     """Add the ended run (done, failed or cancelled) to the session ledger; never raises."""
     try:
-        from . import prices, usage
+        from . import usage
 
-        calls = {call.spec: call for call in plan.calls()}
-
-        def price_of(spec: str):
-            call = calls.get(spec)
-            return None if call is None else prices.price_for(call.provider, call.model, cfg.prices)
-
-        usage.record_run(result, price_of)
+        usage.record_run(result)
     except Exception:  # noqa: BLE001 - bookkeeping must not break a run
         import logging
 

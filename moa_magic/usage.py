@@ -24,13 +24,11 @@ import html
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .format import usd
 
 __all__ = ["ModelUsage", "SessionUsage", "record_run", "session_summary", "reset_session"]
 
-PriceLookup = Callable[[str], object]  # provider:model -> prices.Price (or None)
 
 
 @dataclass(frozen=True)
@@ -167,8 +165,8 @@ class _Ledger:
         with self._lock:
             self._reset()
 
-    def record(self, result, price_of: PriceLookup | None = None) -> None:
-        rows = [_call_row(r, price_of) for r in result.calls() if _sent(r)]
+    def record(self, result) -> None:
+        rows = [_call_row(r) for r in result.calls() if _sent(r)]
         status = result.status if result.status in self.runs else "failed"
         with self._lock:
             self.runs[status] += 1
@@ -212,33 +210,18 @@ def _sent(record) -> bool:
     )
 
 
-def _call_row(record, price_of: PriceLookup | None):
+def _call_row(record):
     """(model, input tokens, output tokens, cost or None, approximate) of one sent call."""
-    input_tokens = record.input_tokens or 0
-    output_tokens = record.output_tokens
-    cost = record.cost_usd
-    if cost is None and record.price_source is None:  # never priced: cancelled mid-call
-        if not record.text and not output_tokens:
-            cost = 0.0  # as a call that failed before any output: not billed
-        elif price_of is not None:
-            try:
-                price = price_of(record.model)
-                cost = price.cost(input_tokens, output_tokens) if price is not None else None
-            except Exception:  # noqa: BLE001 - the ledger never breaks a run
-                cost = None
     approx = bool(record.tokens_approx and record.usage is None)
-    return record.model, input_tokens, output_tokens, cost, approx
+    return record.model, record.input_tokens or 0, record.output_tokens, record.cost_usd, approx
 
 
 _ledger = _Ledger()
 
 
-def record_run(result, price_of: PriceLookup | None = None) -> None:
-    """Add a finished (done, failed or cancelled) `MoaResult` to the session ledger.
-
-    `price_of(provider_model)` returns a `prices.Price`; it prices calls cancelled mid-stream.
-    """
-    _ledger.record(result, price_of)
+def record_run(result) -> None:
+    """Add a finished (done, failed or cancelled) `MoaResult` to the session ledger."""
+    _ledger.record(result)
 
 
 def session_summary() -> SessionUsage:

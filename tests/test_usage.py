@@ -128,10 +128,11 @@ def test_a_cancelled_run_is_recorded_and_priced_for_what_it_streamed(chat_server
     assert (summary.runs, summary.cancelled) == (1, 1)
     assert summary.calls == 3
     a = result.layers[0][0]
-    assert a.text and a.cost_usd is None  # the engine left it unpriced ...
+    expected = (a.prompt_tokens * 1 + a.completion_tokens * 2) / 1e6
+    assert a.text and a.cost_usd == pytest.approx(expected, abs=1e-15)  # the engine bills it ...
     by_model = {m.model: m for m in summary.models}
-    expected = (a.prompt_tokens * 1 + a.completion_tokens * 2) / 1e6  # ... the ledger prices it
-    assert by_model["fake:a"].cost_usd == pytest.approx(expected, abs=1e-15)
+    assert by_model["fake:a"].cost_usd == pytest.approx(expected, abs=1e-15)  # ... the ledger agrees
+    assert result.layers[0][1].cost_usd == 0.0  # b: cancelled before any output, not billed
     assert by_model["fake:b"].cost_usd == 0.0  # cancelled before any output: not billed
     assert summary.cost_complete
 
