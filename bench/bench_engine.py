@@ -115,7 +115,7 @@ def main() -> int:
     env_note = f"python {sys.version.split()[0]}"
     light = import_seconds("import moa_magic")
     cumulative = importtime_cumulative()
-    first_use = import_seconds("import moa_magic.runner, moa_magic.engine, moa_magic.client")
+    first_use = import_seconds("import moa_magic.core.runner, moa_magic.core.engine, moa_magic.providers.client")
     print(f"import moa_magic ({env_note}, best of 5): {light * 1000:.1f} ms "
           f"(-X importtime cumulative {cumulative * 1000:.1f} ms)")
     print(f"first-use imports of a run (runner, engine, client incl. aiohttp): {first_use * 1000:.0f} ms")

@@ -1,4 +1,4 @@
-"""Benchmark the embedded local model server (moa_magic.local).
+"""Benchmark the embedded local model server (moa_magic.providers.local).
 
     python bench/bench_local.py [--tokens 128] [--concurrency 3]
 
@@ -22,7 +22,7 @@ import aiohttp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moa_magic import local  # noqa: E402
+from moa_magic.providers import local  # noqa: E402
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 EOS_IDS = ("0", "2")  # SmolLM2: <|endoftext|>, <|im_end|>

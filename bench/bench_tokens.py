@@ -18,7 +18,7 @@ COLD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import moa_magic
-import moa_magic.tokens as tokens
+import moa_magic.accounting.tokens as tokens
 t1 = time.perf_counter()
 assert not tokens.loaded_encodings()
 n = tokens.count_text(sys.argv[1], "hello world")
@@ -53,7 +53,7 @@ def long_text(size: int = 1_000_000) -> str:
 
 
 def main() -> None:
-    import moa_magic.tokens as tokens
+    import moa_magic.accounting.tokens as tokens
 
     print(f"python {sys.version.split()[0]}")
     for model, enc in (("openai:gpt-4o-mini", "o200k_base"), ("gpt-4", "cl100k_base")):

@@ -6,12 +6,12 @@ Import stays light: the engine, aiohttp, encodings and price data load on first 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "run": "runner",
-    "arun": "runner",
-    "last_result": "runner",
+    "run": "core.runner",
+    "arun": "core.runner",
+    "last_result": "core.runner",
     "load_config": "config",
-    "MoaResult": "result",
-    "CallRecord": "result",
+    "MoaResult": "core.result",
+    "CallRecord": "core.result",
     "MoaError": "errors",
     "MoaUserError": "errors",
     "RunFailed": "errors",
@@ -30,12 +30,12 @@ def __getattr__(name):
 
 
 def load_ipython_extension(ipython):
-    from .magics import load
+    from .notebook.magics import load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython):
-    from .magics import unload
+    from .notebook.magics import unload
 
     unload(ipython)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import MoaUserError, RunFailed
-    from .runner import run
+    from .core.runner import run
 
     args = build_parser().parse_args(argv)
     try:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if prompt is None:
             raise MoaUserError("No prompt given: `moa \"your question\"`, or `moa -` to read stdin.")
         if args.dry_run:
-            from .runner import estimate_run
+            from .core.runner import estimate_run
 
             estimate = estimate_run(prompt, **run_options(args))
             if args.json:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(estimate.text())
             return 0
-        from .terminal import TerminalRenderer
+        from .render.terminal import TerminalRenderer
 
         renderer = TerminalRenderer(
             progress=None if args.quiet else sys.stderr,

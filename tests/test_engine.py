@@ -283,7 +283,7 @@ def test_cancelling_arun_cancels_the_requests(chat_server, moa_config):
 
 
 def test_events_arrive_in_order_for_every_call(chat_server, moa_config):
-    from moa_magic import events as ev
+    from moa_magic.core import events as ev
 
     seen = []
     moa_magic.run("events", preset="fake", listeners=[seen.append])
@@ -319,7 +319,7 @@ def test_keyboard_interrupt_cancels_every_request_within_a_second(chat_server, m
     while chat_server.in_flight and time.monotonic() < deadline:
         time.sleep(0.02)
     assert chat_server.in_flight == 0
-    from moa_magic.runner import worker
+    from moa_magic.core.runner import worker
 
     pending = asyncio.run_coroutine_threadsafe(_other_tasks(), worker.loop()).result(2)
     assert pending == []
@@ -393,7 +393,7 @@ def test_local_server_that_is_not_running_gets_a_clear_error(monkeypatch):
 
 
 def test_a_run_cancelled_before_its_task_starts_is_marked_cancelled(chat_server, moa_config):
-    from moa_magic import runner
+    from moa_magic.core import runner
 
     plan, cfg = runner.prepare("never starts", preset="fake")
     blocker = threading.Event()

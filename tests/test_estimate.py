@@ -11,8 +11,9 @@ import pytest
 
 import moa_magic
 from chat_server import Reply
-from moa_magic import method, runner, tokens
-from moa_magic.estimate import JOIN_SLACK, CostLimitExceeded, estimate_plan
+from moa_magic.core import method, runner
+from moa_magic.accounting import tokens
+from moa_magic.accounting.estimate import JOIN_SLACK, CostLimitExceeded, estimate_plan
 from moa_magic.errors import MoaUserError
 from chat_server import MOA_TOML
 
@@ -106,10 +107,10 @@ def test_cli_dry_run_prints_the_estimate_sends_nothing_and_exits_0(chat_server, 
 def test_estimate_run_neither_starts_the_worker_loop_nor_imports_the_client(chat_server, moa_config):
     code = (
         "import sys\n"
-        "from moa_magic import runner\n"
+        "from moa_magic.core import runner\n"
         "e = runner.estimate_run('hi', preset='fake', max_cost=0.5)\n"
         "assert runner.worker._loop is None, 'worker loop started'\n"
-        "assert 'moa_magic.client' not in sys.modules and 'aiohttp' not in sys.modules\n"
+        "assert 'moa_magic.providers.client' not in sys.modules and 'aiohttp' not in sys.modules\n"
         "print(e.within_max_cost)\n"
     )
     env = dict(os.environ, MOA_MAGIC_CONFIG=str(moa_config))
@@ -312,7 +313,7 @@ def test_result_json_has_per_layer_totals_that_add_up(chat_server, priced_config
 
 def test_estimate_plan_directly_from_a_plan(moa_config):
     from moa_magic.config import load_config
-    from moa_magic.plan import build_plan
+    from moa_magic.core.plan import build_plan
 
     cfg = load_config()
     plan = build_plan(cfg, preset="fake", max_tokens=7)

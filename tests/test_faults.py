@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 
 import moa_magic
-from moa_magic import client
+from moa_magic.providers import client
 from moa_magic.config import RunSettings
 from moa_magic.errors import MoaUserError, RunFailed
-from moa_magic.events import CallRetrying, TextDelta
+from moa_magic.core.events import CallRetrying, TextDelta
 
 FAST = {
     "retries": 2,
@@ -247,7 +247,7 @@ def test_a_stream_that_breaks_after_text_is_retried_from_scratch(chat_server, co
 
 
 def test_the_aggregator_restarts_cleanly_in_the_terminal_too(chat_server, configure):
-    from moa_magic.terminal import TerminalRenderer
+    from moa_magic.render.terminal import TerminalRenderer
 
     chat_server.script(model="agg", text="half an answer here", break_after=2, times=1)
     chat_server.script(model="agg", text="whole answer")
@@ -645,7 +645,7 @@ def _client_sockets(port: int) -> list:
 
 @pytest.mark.parametrize("phase", ["waiting for headers", "streaming", "backing off"])
 def test_after_an_interrupt_nothing_is_left_behind(chat_server, configure, phase):
-    from moa_magic.runner import worker
+    from moa_magic.core.runner import worker
 
     configure(backoff_max=30)
     moa_magic.run("warm up", preset="fake")  # the worker thread and the session exist now

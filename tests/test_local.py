@@ -1,4 +1,4 @@
-"""The embedded llama.cpp server (moa_magic.local): start, stream, reuse, restart, no orphans."""
+"""The embedded llama.cpp server (moa_magic.providers.local): start, stream, reuse, restart, no orphans."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moa_magic import local
+from moa_magic.providers import local
 from moa_magic.errors import MoaUserError
 
 pytestmark = pytest.mark.local
@@ -205,7 +205,7 @@ def _spawn_owner(extra: str = "", new_session: bool = False) -> tuple[subprocess
     code = textwrap.dedent(
         """
         import sys, time
-        from moa_magic import local
+        from moa_magic.providers import local
         local.ensure_server()
         print(local.server_info()["pid"], flush=True)
         """
@@ -301,5 +301,5 @@ def test_a_server_that_dies_on_start_reports_its_log(monkeypatch, tmp_path, fres
 
 
 def test_import_is_cheap():
-    code = "import sys, moa_magic.local; assert 'llama_cpp' not in sys.modules, 'llama_cpp imported'"
+    code = "import sys, moa_magic.providers.local; assert 'llama_cpp' not in sys.modules, 'llama_cpp imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -7,9 +7,9 @@ import os
 import pytest
 
 import moa_magic
-from moa_magic import local
+from moa_magic.providers import local
 from moa_magic.config import load_config
-from moa_magic.plan import default_preset_name, local_extra_installed
+from moa_magic.core.plan import default_preset_name, local_extra_installed
 
 pytestmark = [
     pytest.mark.local,

@@ -13,8 +13,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from moa_magic import runner
-from moa_magic.magics import MoaMagics, interpolate
+from moa_magic.core import runner
+from moa_magic.notebook.magics import MoaMagics, interpolate
 from moa_magic.options import RUN_OPTIONS
 
 from chat_server import Reply, last_user_message
@@ -121,8 +121,8 @@ def test_load_ext_imports_nothing_heavy():
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "ip = InteractiveShell.instance()\n"
         "ip.run_line_magic('load_ext', 'moa_magic')\n"
-        "heavy = ['aiohttp', 'ipywidgets', 'markdown_it', 'tiktoken', 'moa_magic.engine',"
-        " 'moa_magic.runner', 'genai_prices']\n"
+        "heavy = ['aiohttp', 'ipywidgets', 'markdown_it', 'tiktoken', 'moa_magic.core.engine',"
+        " 'moa_magic.core.runner', 'genai_prices']\n"
         "print([m for m in heavy if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -381,7 +381,7 @@ def test_moa_result_displays_with_its_reprs(shell, config, chat_server):
 
 
 def test_moa_usage(shell, config, chat_server):
-    if importlib.util.find_spec("moa_magic.usage") is None:
+    if importlib.util.find_spec("moa_magic.accounting.usage") is None:
         error, _ = run_error(shell, "%moa usage")
         assert type(error) is UsageError and "not available" in str(error)
     else:

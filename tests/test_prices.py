@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from moa_magic.config import Provider
-from moa_magic.prices import Price, price_for
+from moa_magic.accounting.prices import Price, price_for
 
 OPENAI = Provider(name="openai", base_url="https://api.openai.com/v1", api_key_env="OPENAI_API_KEY")
 GEMINI = Provider(name="gemini", base_url="https://generativelanguage.googleapis.com/v1beta/openai",
@@ -109,7 +109,7 @@ def test_unknown_is_unknown_and_does_not_raise(provider, model):
 
 
 def test_lookups_cached():
-    from moa_magic import prices
+    from moa_magic.accounting import prices
 
     prices._lookup.cache_clear()
     price_for(OPENAI, "gpt-4o-mini", {})
@@ -119,7 +119,7 @@ def test_lookups_cached():
 
 
 def test_import_is_lazy_and_no_price_fetch(tmp_path):
-    """Importing moa_magic.prices does not import genai_prices; a lookup uses bundled data, no sockets."""
+    """Importing moa_magic.accounting.prices does not import genai_prices; a lookup uses bundled data, no sockets."""
     code = textwrap.dedent(
         """
         import json, socket, sys, threading
@@ -127,7 +127,7 @@ def test_import_is_lazy_and_no_price_fetch(tmp_path):
             raise AssertionError("network used")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        import moa_magic.prices as prices
+        import moa_magic.accounting.prices as prices
         lazy = "genai_prices" not in sys.modules
         from moa_magic.config import Provider
         p = prices.price_for(Provider(name="openai", base_url="https://api.openai.com/v1"), "gpt-4o-mini", {})

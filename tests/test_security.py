@@ -21,10 +21,11 @@ from aiohttp import web
 
 import moa_magic
 from chat_server import Reply
-from moa_magic import client, runner
+from moa_magic.providers import client
+from moa_magic.core import runner
 from moa_magic.errors import RunFailed
-from moa_magic.static import result_text
-from moa_magic.terminal import TerminalRenderer, terminal_safe
+from moa_magic.render.static import result_text
+from moa_magic.render.terminal import TerminalRenderer, terminal_safe
 
 SECRET = "sk-live-SECRET123"
 # Pieces a scan must not find either: the whole key and its secret part.
@@ -114,7 +115,7 @@ FAULTS = {
 
 def _run_and_collect(prompt, proposers, aggregator, caplog):
     """Run once with every renderer attached; return (result, every output as one string)."""
-    from moa_magic.widgets import TreeRenderer
+    from moa_magic.render.widgets import TreeRenderer
 
     progress, answer = io.StringIO(), io.StringIO()
     events = []

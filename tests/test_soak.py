@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from chat_server import Reply
-from moa_magic import client, runner
+from moa_magic.providers import client
+from moa_magic.core import runner
 
 SEED = int(os.environ.get("MOA_SOAK_SEED", "20240611"))
 RUNS = int(os.environ.get("MOA_SOAK_RUNS", "300"))

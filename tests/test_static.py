@@ -1,4 +1,4 @@
-"""The static rendition (saved notebooks, GitHub, nbconvert), MoaResult's reprs and safe_markdown."""
+"""The static rendition (saved notebooks, GitHub, nbconvert), MoaResult's reprs and sanitize."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from moa_magic import runner
-from moa_magic.result import CallRecord, MoaResult
-from moa_magic.safe_markdown import render, url_allowed
-from moa_magic.static import StaticRun, md_safe, result_html, result_markdown, result_text
+from moa_magic.core import runner
+from moa_magic.core.result import CallRecord, MoaResult
+from moa_magic.render.sanitize import render, url_allowed
+from moa_magic.render.static import StaticRun, md_safe, result_html, result_markdown, result_text
 
 from chat_server import Reply
 
@@ -54,7 +54,7 @@ def make_result(final: str = "The **answer**.", status: str = "done") -> MoaResu
                      error=None if status == "done" else "layer 1 failed", elapsed_s=1.5)
 
 
-# --- safe_markdown ----------------------------------------------------------------------------
+# --- sanitize ----------------------------------------------------------------------------
 
 
 def test_render_makes_hostile_markdown_inert():

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from moa_magic import tokens
-from moa_magic.tokens import (
+from moa_magic.accounting import tokens
+from moa_magic.accounting.tokens import (
     TokenizerDataError,
     count_messages,
     count_text,
@@ -196,7 +196,7 @@ def test_no_network_and_no_tiktoken_cache(tmp_path):
             raise AssertionError("network used")
         socket.socket.connect = refuse
         socket.create_connection = refuse
-        from moa_magic.tokens import count_text, count_messages
+        from moa_magic.accounting.tokens import count_text, count_messages
         print(json.dumps({
             "o200k": count_text("openai:gpt-4o-mini", "hello world"),
             "cl100k": count_text("gpt-4", "hello world"),
@@ -223,9 +223,9 @@ def test_import_is_lazy():
         import json, sys
         import moa_magic
         before = None
-        if "moa_magic.tokens" in sys.modules:
-            before = sorted(sys.modules["moa_magic.tokens"].loaded_encodings())
-        from moa_magic import tokens
+        if "moa_magic.accounting.tokens" in sys.modules:
+            before = sorted(sys.modules["moa_magic.accounting.tokens"].loaded_encodings())
+        from moa_magic.accounting import tokens
         after_import = sorted(tokens.loaded_encodings())
         tiktoken_imported = "tiktoken" in sys.modules
         tokens.count_text("gpt-4o", "hi")

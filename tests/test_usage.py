@@ -11,7 +11,7 @@ import pytest
 
 import moa_magic
 from chat_server import Reply
-from moa_magic import usage
+from moa_magic.accounting import usage
 from moa_magic.errors import RunFailed
 from chat_server import MOA_TOML
 
@@ -106,7 +106,7 @@ def test_a_cancelled_run_is_recorded_and_priced_for_what_it_streamed(chat_server
                                               usage=None))
     chat_server.script(reply=Reply(hang=True))
 
-    from moa_magic.events import TextDelta
+    from moa_magic.core.events import TextDelta
 
     async def cancel_soon():
         loop, streamed = asyncio.get_running_loop(), asyncio.Event()
@@ -152,8 +152,8 @@ def test_unknown_price_is_reported_not_zero(chat_server, moa_config):
     # The fake server is on loopback ($0), so build a finished result the engine would leave when
     # a model's price is unknown (cost None, source "price unknown") and record it.
     from moa_magic.config import load_config
-    from moa_magic.engine import new_result
-    from moa_magic.plan import build_plan
+    from moa_magic.core.engine import new_result
+    from moa_magic.core.plan import build_plan
 
     plan = build_plan(load_config(), preset="fake", proposers=["fake:a"])
     result = new_result(plan, "p")
@@ -173,8 +173,8 @@ def test_unknown_price_is_reported_not_zero(chat_server, moa_config):
 
 def test_html_escapes_model_names(chat_server, moa_config):
     from moa_magic.config import load_config
-    from moa_magic.engine import new_result
-    from moa_magic.plan import build_plan
+    from moa_magic.core.engine import new_result
+    from moa_magic.core.plan import build_plan
 
     plan = build_plan(load_config(), preset="fake", proposers=["fake:<img src=x onerror=alert(1)>"])
     result = new_result(plan, "p")
@@ -188,8 +188,8 @@ def test_html_escapes_model_names(chat_server, moa_config):
 
 def test_the_ledger_is_thread_safe(chat_server, moa_config):
     from moa_magic.config import load_config
-    from moa_magic.engine import new_result
-    from moa_magic.plan import build_plan
+    from moa_magic.core.engine import new_result
+    from moa_magic.core.plan import build_plan
 
     plan = build_plan(load_config(), preset="fake")
     per_thread, threads_n = 200, 8

@@ -10,10 +10,10 @@ import time
 import ipywidgets as w
 import pytest
 
-from moa_magic import runner
+from moa_magic.core import runner
 from moa_magic.errors import RunFailed
-from moa_magic.safe_markdown import render
-from moa_magic.widgets import TreeRenderer
+from moa_magic.render.sanitize import render
+from moa_magic.render.widgets import TreeRenderer
 
 from chat_server import Reply
 from test_static import HOSTILE, assert_inert_html
@@ -189,7 +189,7 @@ def test_widget_updates_are_coalesced(config, chat_server):
 
 
 def test_costly_pushes_slow_down():
-    from moa_magic.widgets import _Node
+    from moa_magic.render.widgets import _Node
 
     node = _Node(w, "t", ["moa-node"], "moa-node-text", True, None)
     node.last_push, node.cost = 10.0, 0.001

@@ -12,8 +12,10 @@ import time
 import traceback
 from typing import Iterable
 
-from . import client, method, prices, tokens
-from .config import Provider
+from ..providers import client
+from . import method
+from ..accounting import prices, tokens
+from ..config import Provider
 from .events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
     RunFinished, RunStarted, TextDelta,
@@ -127,7 +129,7 @@ class Engine:
         urls = {}
         for name, provider in self.plan.providers().items():
             if provider.embedded:
-                from . import local
+                from ..providers import local
 
                 urls[name] = await asyncio.to_thread(local.ensure_server)
             else:

@@ -27,8 +27,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.display import display
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
-from .errors import MoaUserError
-from .options import RUN_OPTIONS, run_options
+from ..errors import MoaUserError
+from ..options import RUN_OPTIONS, run_options
 
 SUBCOMMANDS = ("list", "show", "last", "usage", "help", "version")
 
@@ -222,7 +222,7 @@ class MoaMagics(Magics):
         # blank lines around the prompt are layout, not content (indentation of the first line is kept)
         prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
         options = run_options(args, **self._defaults())
-        from . import runner
+        from ..core import runner
 
         if args.dry_run:
             try:
@@ -276,15 +276,15 @@ class MoaMagics(Magics):
         return "widgets"
 
     def _run(self, plan, cfg, prompt: str, out: str | None) -> None:
-        from . import runner
-        from .static import StaticRun
-        from .terminal import TerminalRenderer
+        from ..core import runner
+        from ..render.static import StaticRun
+        from ..render.terminal import TerminalRenderer
 
         frontend = self._frontend()
         pump = _Pump()
         tree = None
         if frontend == "widgets":
-            from .widgets import TreeRenderer
+            from ..render.widgets import TreeRenderer
 
             tree = TreeRenderer.for_plan(plan)
             self.last_tree = tree
@@ -351,7 +351,7 @@ class MoaMagics(Magics):
         return getattr(self, f"_cmd_{command}")(rest)
 
     def _config(self):
-        from .config import load_config
+        from ..config import load_config
 
         try:
             return load_config(self.config_file or None)
@@ -359,13 +359,13 @@ class MoaMagics(Magics):
             raise UsageError(str(exc)) from None
 
     def _cmd_list(self, rest: str) -> None:
-        from .static import catalog_view
+        from ..render.static import catalog_view
 
         display(catalog_view(self._config()))
 
     def _cmd_show(self, rest: str) -> None:
-        from .plan import default_preset_name
-        from .static import preset_view
+        from ..core.plan import default_preset_name
+        from ..render.static import preset_view
 
         cfg = self._config()
         try:
@@ -382,7 +382,7 @@ class MoaMagics(Magics):
         display(preset_view(name, preset, overrides))
 
     def _cmd_last(self, rest: str) -> None:
-        from .static import StaticRun
+        from ..render.static import StaticRun
 
         result = self.shell.user_ns.get("_moa")
         if result is None and "moa_magic.runner" in sys.modules:
@@ -392,7 +392,7 @@ class MoaMagics(Magics):
         display(StaticRun(result))
 
     def _cmd_usage(self, rest: str) -> None:
-        from .usage import session_summary
+        from ..accounting.usage import session_summary
 
         display(session_summary())
 
@@ -407,7 +407,7 @@ class MoaMagics(Magics):
         )
 
     def _cmd_version(self, rest: str) -> None:
-        from . import __version__
+        from .. import __version__
 
         print(f"moa-magic {__version__}")
 

@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MoaError
+from ..errors import MoaError
 
 if TYPE_CHECKING:  # pragma: no cover
     import tiktoken
@@ -44,7 +44,7 @@ __all__ = [
     "load_encoding",
 ]
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 # Copied from tiktoken's own `tiktoken_ext/openai_public.py` (tiktoken 0.14); a test checks they match.
 ENDOFTEXT = "<|endoftext|>"

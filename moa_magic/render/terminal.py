@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import TextIO
 
-from .events import (
+from ..core.events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished,
     RunStarted, TextDelta,
 )

@@ -5,10 +5,10 @@ magic displays a `StaticRun` as a separate output after the live tree, and `MoaR
 (`_moa`, `Out[n]`) come from here too.
 
 Model text (and error text from servers) is untrusted:
-- HTML: model text goes through `safe_markdown.render`, every other string through `html.escape`;
+- HTML: model text goes through `sanitize.render`, every other string through `html.escape`;
   proposer answers sit in `<details>` blocks (closed), the final answer is shown open.
 - Markdown: some front ends render a text/markdown output without sanitizing it, so `<` is written
-  as `&lt;` (raw HTML can never form) and links whose URL `safe_markdown` would refuse are broken
+  as `&lt;` (raw HTML can never form) and links whose URL `sanitize` would refuse are broken
   up. The price: `<` inside code spans/blocks of the Markdown form reads `&lt;`. Front ends prefer
   the HTML form, which has no such loss.
 - Plain text: control characters and terminal escape sequences are removed.
@@ -24,8 +24,8 @@ from .format import call_summary, seconds, totals_line
 from .terminal import terminal_safe
 
 if TYPE_CHECKING:
-    from .config import Config, Preset
-    from .result import CallRecord, MoaResult
+    from ..config import Config, Preset
+    from ..core.result import CallRecord, MoaResult
 
 STATUS_MARK = {
     "waiting": "…", "streaming": "…", "done": "✓", "failed": "✗", "cancelled": "■", "skipped": "–",
@@ -46,7 +46,7 @@ _BACKSLASH_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
 
 
 def _link_ok(url: str) -> bool:
-    from .safe_markdown import url_allowed
+    from .sanitize import url_allowed
 
     return url_allowed(html.unescape(_BACKSLASH_ESCAPE.sub(r"\1", url)))
 
@@ -118,7 +118,7 @@ def node_title(record: CallRecord, note: str | None = None) -> str:
 
 def call_body_html(record: CallRecord) -> str:
     """The inside of a call's node: its (rendered, sanitized) text and its error if any."""
-    from .safe_markdown import render
+    from .sanitize import render
 
     parts = []
     if record.error:
@@ -252,7 +252,7 @@ def _entry(entry) -> str:
 
 
 def preset_rows(preset: Preset, overrides: dict | None = None) -> list[tuple[str, str]]:
-    from .method import AGGREGATE_PROMPT
+    from ..core.method import AGGREGATE_PROMPT
 
     rows = [("description", preset.description or "–"), ("defined in", preset.source)]
     for number, layer in enumerate(preset.layers, start=1):
@@ -286,6 +286,6 @@ def preset_view(name: str, preset: Preset, overrides: dict | None = None) -> Ric
 
 
 def catalog_view(config: Config) -> Rich:
-    from .catalog import catalog_html, catalog_text
+    from ..catalog import catalog_html, catalog_text
 
     return Rich(catalog_text(config), catalog_html(config))

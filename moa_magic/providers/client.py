@@ -21,7 +21,7 @@ from typing import Callable
 
 import aiohttp
 
-from .config import Provider, RunSettings
+from ..config import Provider, RunSettings
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 # A run of this many characters of the key in a server message is scrubbed (see `redact`).

@@ -14,7 +14,7 @@
 `Accordion` keeps only one panel open, so every layer and node is its own one-child Accordion:
 any number can be open at once. A layer opens when its first call starts and closes when the next
 layer starts; a layer where the run stopped stays open. Accordion titles are plain text
-(ipywidgets 8 sets them with `textContent`); every HTML value is `safe_markdown.render` output or
+(ipywidgets 8 sets them with `textContent`); every HTML value is `sanitize.render` output or
 escaped. Proposers stream as escaped plain text and become rendered Markdown when they finish; the
 final answer is rendered Markdown while it streams.
 
@@ -31,15 +31,15 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .events import (
+from ..core.events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, RunFinished,
     RunStarted, TextDelta,
 )
 from .static import call_body_html, esc, final_body_html, header_text, layer_title, node_title
 
 if TYPE_CHECKING:
-    from .plan import Plan
-    from .result import CallRecord, MoaResult
+    from ..core.plan import Plan
+    from ..core.result import CallRecord, MoaResult
 
 INTERVAL_S = 0.05
 NODE_TEXT_MAX_HEIGHT = "14em"

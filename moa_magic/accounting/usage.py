@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .format import usd
+from ..render.format import usd
 
 __all__ = ["ModelUsage", "SessionUsage", "record_run", "session_summary", "reset_session"]
 

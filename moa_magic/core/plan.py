@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 
-from .config import Config, ModelEntry, Preset, Provider, RunSettings
-from .errors import MissingKeyError, MoaUserError
+from ..config import Config, ModelEntry, Preset, Provider, RunSettings
+from ..errors import MissingKeyError, MoaUserError
 from .method import AGGREGATE_PROMPT
 
 LOCAL_EXTRA_HINT = 'pip install "moa-magic[local]"'

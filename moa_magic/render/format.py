@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .result import CallRecord, MoaResult
+from ..core.result import CallRecord, MoaResult
 
 
 def seconds(value: float | None) -> str:

@@ -40,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import MoaError, MoaUserError
+from ..errors import MoaError, MoaUserError
 
 __all__ = [
     "MODEL_ALIAS",

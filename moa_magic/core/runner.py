@@ -15,8 +15,8 @@ import concurrent.futures
 import threading
 from typing import Callable, Iterable
 
-from .config import Config, load_config
-from .errors import MoaUserError, RunFailed
+from ..config import Config, load_config
+from ..errors import MoaUserError, RunFailed
 from .events import Listener
 from .plan import Plan, build_plan
 from .result import MoaResult
@@ -54,7 +54,7 @@ class _WorkerLoop:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None or not thread.is_alive():
             return
-        from . import client
+        from ..providers import client
 
         try:
             asyncio.run_coroutine_threadsafe(client.close_session(), loop).result(timeout=5)
@@ -92,7 +92,7 @@ def prepare(
     cfg = config if isinstance(config, Config) else load_config(config)
     plan = build_plan(cfg, check_keys=check_keys, **plan_options)
     if max_cost is not None:
-        from .estimate import check_max_cost, estimate_plan, validate_max_cost
+        from ..accounting.estimate import check_max_cost, estimate_plan, validate_max_cost
 
         limit = validate_max_cost(max_cost)
         check_max_cost(estimate_plan(plan, prompt, cfg.prices), limit)
@@ -108,7 +108,7 @@ def estimate_run(prompt: str, *, max_cost: float | None = None, **options):
     """
     from dataclasses import replace
 
-    from .estimate import estimate_plan, validate_max_cost
+    from ..accounting.estimate import estimate_plan, validate_max_cost
 
     limit = validate_max_cost(max_cost)
     plan, cfg = prepare(prompt, check_keys=False, **options)
@@ -148,7 +148,7 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
 def _record_usage(result: MoaResult) -> None:
     """Add the ended run (done, failed or cancelled) to the session ledger; never raises."""
     try:
-        from . import usage
+        from ..accounting import usage
 
         usage.record_run(result)
     except Exception:  # noqa: BLE001 - bookkeeping must not break a run

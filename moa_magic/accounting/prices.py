@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import Provider
+    from ..config import Provider
 
 __all__ = ["Price", "price_for", "LOCAL_SOURCE", "UNKNOWN_SOURCE", "CONFIG_SOURCE"]
 

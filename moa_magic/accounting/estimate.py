@@ -41,10 +41,11 @@ import html
 import math
 from dataclasses import dataclass, field
 
-from . import method, prices, tokens
-from .errors import MoaUserError
-from .format import usd
-from .plan import ModelCall, Plan
+from ..core import method
+from . import prices, tokens
+from ..errors import MoaUserError
+from ..render.format import usd
+from ..core.plan import ModelCall, Plan
 
 __all__ = [
     "JOIN_SLACK", "CallEstimate", "LayerEstimate", "Estimate", "CostLimitExceeded",

@@ -173,16 +173,16 @@ class MoaResult:
 
     # Display in Jupyter / IPython (`_moa`, Out[n]); the renditions live in static.py.
     def _repr_html_(self) -> str:
-        from .static import result_html
+        from ..render.static import result_html
 
         return result_html(self)
 
     def _repr_markdown_(self) -> str:
-        from .static import result_markdown
+        from ..render.static import result_markdown
 
         return result_markdown(self)
 
     def _repr_pretty_(self, printer, cycle) -> None:
-        from .static import result_text
+        from ..render.static import result_text
 
         printer.text("MoaResult(...)" if cycle else result_text(self))

@@ -1,0 +1,1 @@
+"""Tokens, prices, cost bounds and the session ledger."""

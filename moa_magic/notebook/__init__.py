@@ -1,0 +1,1 @@
+"""The IPython face: the %%moa / %moa magics."""

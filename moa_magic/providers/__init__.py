@@ -1,0 +1,1 @@
+"""Transport: the one OpenAI-compatible HTTP client and the embedded local model server."""

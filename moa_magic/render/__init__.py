@@ -1,0 +1,1 @@
+"""Everything a person sees: sanitizing, formatting, static renditions, terminal and widgets."""
