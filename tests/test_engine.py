@@ -196,8 +196,10 @@ def test_unknown_preset_provider_and_malformed_spec_fail_before_any_request(chat
         moa_magic.run("x", preset="fake", proposers=["gpt-4o"])
     with pytest.raises(MoaUserError, match="empty"):
         moa_magic.run("   ", preset="fake")
-    with pytest.raises(MoaUserError, match="at least 2"):
-        moa_magic.run("x", preset="fake", layers=1)
+    with pytest.raises(MoaUserError, match="at least 1"):
+        moa_magic.run("x", preset="fake", layers=0)
+    with pytest.raises(MoaUserError, match="aggregator alone"):
+        moa_magic.run("x", preset="fake", layers=1, proposers=["fake:m1"])
     assert chats(chat_server) == []
 
 

@@ -295,8 +295,9 @@ def test_a_server_that_dies_on_start_reports_its_log(monkeypatch, tmp_path, fres
     with pytest.raises(local.LocalServerError) as e:
         local.ensure_server(timeout=60)
     msg = str(e.value)
-    assert str(local.log_path()) in msg and "last lines" in msg
-    assert "broken.gguf" in msg  # the tail of the server's own output
+    assert "\n" not in msg and "exited with code 1 before it was ready" in msg
+    assert str(local.log_path()) in msg
+    assert "broken.gguf" in msg  # the server's own last word: the file it could not load
     assert local.server_info() is None
 
 

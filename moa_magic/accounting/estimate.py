@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from ..core import method
 from . import prices, tokens
 from ..errors import MoaUserError
-from ..render.format import usd
+from ..render.format import run_title, usd
 from ..core.plan import ModelCall, Plan
 
 __all__ = [
@@ -147,7 +147,7 @@ class Estimate:
     whether the run would start under it.
     """
 
-    preset: str
+    preset: str | None
     shape: str
     layers: tuple[LayerEstimate, ...]
     max_cost: float | None = None
@@ -245,7 +245,7 @@ class Estimate:
         return rows
 
     def headline(self) -> str:
-        return f"moa estimate · preset {self.preset} · {self.shape} · nothing sent"
+        return f"moa estimate · {run_title(self.preset)} · {self.shape} · nothing sent"
 
     def footer(self) -> list[str]:
         lines = []

@@ -21,7 +21,7 @@ from .events import (
     RunFinished, RunStarted, TextDelta,
 )
 from .plan import ModelCall, Plan
-from .result import CallRecord, MoaResult
+from .result import CallRecord, MoaResult, failure_summary
 
 log = logging.getLogger("moa_magic")
 
@@ -59,6 +59,7 @@ class Engine:
         self.user_prices = user_prices or {}
         # Created up front and filled in place: whoever holds it sees a partial run after a failure.
         self.result = new_result(plan, prompt)
+        self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
 
     def emit(self, event: Event) -> None:
         for listener in self.listeners:
@@ -89,7 +90,7 @@ class Engine:
                     for later in result.layers[number:]:
                         for r in later:
                             r.status = "skipped"
-                    failures = "; ".join(f"{r.model}: {r.error}" for r in records if not r.ok)
+                    failures = failure_summary(r for r in records if not r.ok)
                     result.status = "failed"
                     result.error = (
                         f"layer {number}: {len(succeeded)} of {len(records)} proposers succeeded, "
@@ -120,6 +121,9 @@ class Engine:
             # Setup failures (e.g. the local server does not start) end the run, never the kernel.
             result.status = "failed"
             result.error = str(exc) or type(exc).__name__
+            for record in result.calls():
+                if record.status == "waiting":
+                    record.status = "skipped"
             return result
         finally:
             result.elapsed_s = time.perf_counter() - started
@@ -132,6 +136,7 @@ class Engine:
                 from ..providers import local
 
                 urls[name] = await asyncio.to_thread(local.ensure_server)
+                self._health[name] = _embedded_health
             else:
                 urls[name] = provider.url()
         return urls
@@ -181,7 +186,7 @@ class Engine:
             try:
                 reply = await client.stream_chat(
                     call.provider, urls[call.provider.name], body, self.plan.settings,
-                    on_delta, on_retry,
+                    on_delta, on_retry, self._health.get(call.provider.name),
                 )
             except client.CallError as exc:
                 self._fail(call, record, str(exc), started)
@@ -196,6 +201,7 @@ class Engine:
             record.latency_s = time.perf_counter() - started
             record.attempts = reply.attempts
             record.usage = reply.usage
+            record.finish_reason = reply.finish_reason
             record.completion_tokens = tokens.count_text(call.model, record.text)
             self._price(call.provider, call.model, record)
             record.status = "done"
@@ -220,3 +226,15 @@ class Engine:
         price = prices.price_for(provider, model, self.user_prices)
         record.price_source = price.source
         record.cost_usd = price.cost(record.input_tokens or 0, record.output_tokens)
+
+
+async def _embedded_health() -> str | None:
+    """How the embedded server died, if it did; a crash closes sockets just before the exit."""
+    from ..providers import local
+
+    for _ in range(10):
+        reason = local.crash_reason()
+        if reason:
+            return reason
+        await asyncio.sleep(0.05)
+    return None

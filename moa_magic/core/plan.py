@@ -30,7 +30,7 @@ class ModelCall:
 
 @dataclass(frozen=True)
 class Plan:
-    preset: str
+    preset: str | None  # None: a custom run, models named by flags
     layers: tuple[tuple[ModelCall, ...], ...]
     aggregator: ModelCall
     template: str
@@ -41,6 +41,8 @@ class Plan:
     def shape(self) -> str:
         """The paper's L and the proposers per layer, e.g. '3 layers: 2×6 proposers + aggregator'."""
         widths = [len(layer) for layer in self.layers]
+        if not widths:
+            return "1 layer: aggregator only"
         if len(set(widths)) == 1:
             proposers = f"{len(widths)}×{widths[0]}" if len(widths) > 1 else str(widths[0])
         else:
@@ -138,22 +140,36 @@ def build_plan(
     every proposer layer uses that list; otherwise the preset's layers are cut or their last layer
     repeated to reach L-1.
     """
-    name = preset or default_preset_name(config)
-    chosen = config.presets.get(name)
-    if chosen is None:
+    if layers is not None and layers < 1:
         raise MoaUserError(
-            f"Unknown preset {name!r}. Presets: {', '.join(sorted(config.presets))}. "
-            f"Define your own as [presets.{name}] in moa.toml."
+            f"--layers is the paper's L and must be at least 1 (1 = the aggregator alone on the "
+            f"bare prompt, 2 = one proposer layer and the aggregator), got {layers}."
         )
+    if layers == 1 and proposers:
+        raise MoaUserError(
+            "--layers 1 runs the aggregator alone, so -p/--proposer has nothing to do: give the "
+            "model with -a/--aggregator, or use --layers 2 or more."
+        )
+    custom = preset is None and bool(proposers or (aggregator and layers == 1))
+    if custom:
+        # Models named by flags need no preset (nor the keys of the default preset's providers).
+        chosen = Preset(
+            name="", layers=(tuple(ModelEntry(spec=s) for s in proposers or ()),),
+            aggregator=ModelEntry(spec=aggregator or proposers[0]),
+        )
+        name = None
+    else:
+        name = preset or default_preset_name(config)
+        chosen = config.presets.get(name)
+        if chosen is None:
+            raise MoaUserError(
+                f"Unknown preset {name!r}. Presets: {', '.join(sorted(config.presets))}. "
+                f"Define your own as [presets.{name}] in moa.toml."
+            )
     if temperature is not None and not 0 <= temperature <= 2:
         raise MoaUserError(f"Temperature must be from 0 to 2, got {temperature}.")
     if max_tokens is not None and max_tokens < 1:
         raise MoaUserError(f"max_tokens must be at least 1, got {max_tokens}.")
-    if layers is not None and layers < 2:
-        raise MoaUserError(
-            f"--layers is the paper's L and must be at least 2 (one proposer layer and the "
-            f"aggregator), got {layers}."
-        )
     if proposers:
         layer_entries = [tuple(ModelEntry(spec=s) for s in proposers)]
     else:
@@ -161,7 +177,7 @@ def build_plan(
     if layers is not None:
         wanted = layers - 1
         layer_entries = (layer_entries + [layer_entries[-1]] * wanted)[:wanted]
-    elif proposers:
+    elif proposers and not custom:
         layer_entries = layer_entries * len(chosen.layers)
     aggregator_entry = ModelEntry(spec=aggregator) if aggregator else chosen.aggregator
 
@@ -191,7 +207,7 @@ def build_plan(
         system=run_system,
         settings=config.settings if min_ok is None else replace(config.settings, min_ok=min_ok),
     )
-    if plan.settings.min_ok > min(len(layer) for layer in plan.layers):
+    if plan.layers and plan.settings.min_ok > min(len(layer) for layer in plan.layers):
         raise MoaUserError(
             f"min_ok is {plan.settings.min_ok} but a layer has only "
             f"{min(len(layer) for layer in plan.layers)} proposers."

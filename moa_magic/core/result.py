@@ -39,10 +39,16 @@ class CallRecord:
     attempts: int = 0
     retries: list[str] = field(default_factory=list)
     started_at: float | None = None
+    finish_reason: str | None = None  # as the server sent it: "stop", "length", ...
 
     @property
     def ok(self) -> bool:
         return self.status == "done"
+
+    @property
+    def truncated(self) -> bool:
+        """Cut by max_tokens: the text ends mid-answer."""
+        return self.finish_reason == "length"
 
     @property
     def input_tokens(self) -> int | None:
@@ -68,6 +74,8 @@ class CallRecord:
             "max_tokens": self.max_tokens,
             "seed": self.seed,
             "status": self.status,
+            "finish_reason": self.finish_reason,
+            "truncated": self.truncated,
             "text": self.text,
             "error": self.error,
             "usage": self.usage,
@@ -86,12 +94,25 @@ class CallRecord:
         }
 
 
+def failure_summary(records) -> str:
+    """Failed calls' errors, each reason once: 'local:smollm2 ×3: <reason>; openai:x: <reason>'."""
+    groups: dict[str, list[str]] = {}
+    for record in records:
+        groups.setdefault(record.error or record.status, []).append(record.model)
+    parts = []
+    for reason, models in groups.items():
+        names = list(dict.fromkeys(models))
+        who = ", ".join(names) + (f" ×{len(models)}" if len(models) > 1 else "")
+        parts.append(f"{who}: {reason}")
+    return "; ".join(parts)
+
+
 @dataclass
 class MoaResult:
     """A run, complete or partial: `final` is the aggregator's text ('' until it exists)."""
 
     prompt: str
-    preset: str
+    preset: str | None  # None: a custom run (models named by flags)
     shape: str
     template: str
     system: str | None

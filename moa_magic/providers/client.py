@@ -17,7 +17,7 @@ import socket
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 
 import aiohttp
 
@@ -156,8 +156,13 @@ async def stream_chat(
     settings: RunSettings,
     on_delta: Callable[[str], None],
     on_retry: Callable[[int, str, float], None] | None = None,
+    health: Callable[[], Awaitable[str | None]] | None = None,
 ) -> Reply:
-    """One call with retries. `on_retry(attempt, reason, delay)` lets a renderer reset the node."""
+    """One call with retries. `on_retry(attempt, reason, delay)` lets a renderer reset the node.
+
+    `health()` names a reason the server cannot answer any more (a local server we started has
+    died): such a failure is final, and says why, instead of retrying against a dead port.
+    """
     reply = Reply()
     attempt = 0
     while True:
@@ -177,6 +182,10 @@ async def stream_chat(
             scrubbed = redact(str(exc), provider.api_key())
             if scrubbed != str(exc):
                 error = CallError(scrubbed, exc.retryable, exc.retry_after, exc.status)
+        if error.retryable and health is not None:
+            dead = await health()
+            if dead:
+                raise CallError(dead, status=error.status)
         if not error.retryable or attempt > settings.retries:
             if attempt > 1 and error.retryable:
                 raise CallError(f"{error} (gave up after {attempt} attempts)", status=error.status)

@@ -24,6 +24,11 @@ How the child is kept from outliving us (no orphan servers):
   kernel interrupt (SIGINT) does not kill it in the middle of a run.
 * `shutdown()` is registered with `atexit` for the normal exit path: it closes the pipe,
   SIGTERMs the process group, and SIGKILLs it after a grace period.
+
+A llama.cpp build can crash on a CPU it was not built for (a native build's AMX path on some
+Xeons dies with SIGSEGV on any prompt longer than one token). So starting the server includes a
+self-check: one short multi-token chat request. A server that dies then, or later, is reported in
+one line by `crash_reason()`: what died, how (signal or exit code), the log, and the fix.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ __all__ = [
     "shutdown",
     "server_info",
     "server_command",
+    "crash_reason",
+    "PORTABLE_CMAKE_ARGS",
+    "REBUILD_COMMAND",
 ]
 
 MODEL_ALIAS = "smollm2"
@@ -62,6 +70,19 @@ N_CTX = 2048
 MODEL_ENV = "MOA_MAGIC_LOCAL_MODEL"
 #: Set to override the number of CPU threads the server uses (default: all usable cores).
 THREADS_ENV = "MOA_MAGIC_LOCAL_THREADS"
+
+#: llama.cpp's build flags for any x86-64 CPU with AVX2 (2013 on): native flags off, so no AMX or
+#: AVX-512 code path that crashes on some CPUs. The README's install command and .ci/run use them.
+PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+#: For CPUs without AVX2 (a portable build then dies with SIGILL).
+BASELINE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF"
+LLAMA_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
+#: --no-cache-dir: pip's wheel cache keys a built wheel by version, not by CMAKE_ARGS.
+REBUILD_COMMAND = (
+    f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --force-reinstall --no-cache-dir '
+    f'"{LLAMA_REQUIREMENT}"'
+)
+SELF_CHECK_PROMPT = "Reply with one short sentence: what is two plus two?"
 
 # Indirection so tests can simulate a missing extra without uninstalling anything.
 _find_spec = importlib.util.find_spec
@@ -284,6 +305,75 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
+def _last_line(path: Path, start: int) -> str:
+    """The last meaningful line of the server's log since `start`: usually the error itself."""
+    for line in reversed(_tail(path, start, lines=40).splitlines()):
+        line = line.strip()
+        if line and not line.startswith(("===", "---", "(log")):
+            return line[:240]
+    return "(nothing in the log)"
+
+
+def _how_it_ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"crashed ({signal.Signals(-returncode).name})"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def _fix_for(returncode: int) -> str:
+    if returncode == -signal.SIGILL:
+        # An instruction this CPU lacks: rebuild without AVX2.
+        return REBUILD_COMMAND.replace(PORTABLE_CMAKE_ARGS, BASELINE_CMAKE_ARGS)
+    if returncode < 0 and returncode != -signal.SIGKILL and returncode != -signal.SIGTERM:
+        return REBUILD_COMMAND
+    return "see the log; the next run starts a new server"
+
+
+def _death_message(returncode: int, when: str, log: Path) -> str:
+    return (
+        f"the local model server {_how_it_ended(returncode)} {when}; log: {log}; "
+        f"fix: {_fix_for(returncode)}"
+    )
+
+
+def _self_check(url: str, proc: subprocess.Popen, log: Path, deadline: float) -> None:
+    """One short multi-token chat request: a build that crashes on real prompts fails here."""
+    import http.client  # lazily: keeps `import moa_magic.providers.local` cheap
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({
+        "model": MODEL_ALIAS,
+        "messages": [{"role": "user", "content": SELF_CHECK_PROMPT}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }).encode()
+    request = urllib.request.Request(
+        url + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=max(5.0, deadline - time.monotonic())) as r:
+            reply = json.loads(r.read())
+        if reply.get("choices"):
+            return
+        problem = f"answered the self-check without choices: {str(reply)[:200]}"
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        try:
+            proc.wait(2.0)  # a crash closes the connection a moment before the process is reaped
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.poll() is not None:
+            raise LocalServerError(
+                _death_message(proc.returncode, "on its first request", log)
+            ) from None
+        problem = f"failed its self-check request ({type(exc).__name__}: {exc})"
+    raise LocalServerError(f"the local model server {problem}; log: {log}")
+
+
 def _start_locked(timeout: float) -> str:
     global _proc, _url, _port, _log_handle, _started_at, _startup_s, _atexit_registered
     model = model_path()
@@ -318,32 +408,47 @@ def _start_locked(timeout: float) -> str:
             )
         except OSError as e:
             raise LocalServerError(
-                f"Could not start the embedded model server ({e}). Log: {log}"
+                f"could not start the local model server ({e}); log: {log}"
             ) from e
         _proc, _url, _port, _started_at = proc, url, port, time.time()
         while True:
             if proc.poll() is not None:
-                tail = _tail(log, start_offset)
-                _stop_locked()
                 last_error = (
-                    f"The embedded model server exited with code {proc.returncode} before it "
-                    f"was ready. Full log: {log}\n--- last lines ---\n{tail}"
+                    f"the local model server {_how_it_ended(proc.returncode)} before it was "
+                    f"ready: {_last_line(log, start_offset)}; log: {log}"
                 )
+                _stop_locked()
                 break
             if _ready(url):
+                try:
+                    _self_check(url, proc, log, deadline)
+                except LocalServerError:
+                    _stop_locked()
+                    raise
                 _startup_s = time.monotonic() - t0
                 return url
             if time.monotonic() > deadline:
-                tail = _tail(log, start_offset)
                 _stop_locked()
                 raise LocalServerError(
-                    f"The embedded model server did not answer on {url} within {timeout:g} s. "
-                    f"Full log: {log}\n--- last lines ---\n{tail}"
+                    f"the local model server did not answer on {url} within {timeout:g} s; "
+                    f"log: {log}"
                 )
             time.sleep(0.1)
-        if "address already in use" not in last_error.lower():
+        if "address already in use" not in _tail(log, start_offset).lower():
             break
     raise LocalServerError(last_error)
+
+
+def crash_reason() -> str | None:
+    """One line saying how the server we started died, or None while it runs (or none was started).
+
+    Calls in flight when it dies fail with this reason instead of being retried against a dead
+    port; the next run starts a new server.
+    """
+    proc = _proc  # no lock: a start in progress holds it for seconds; one read is atomic
+    if proc is None or proc.poll() is None:
+        return None
+    return _death_message(proc.returncode, "during the run", log_path())
 
 
 def ensure_server(timeout: float = 120) -> str:

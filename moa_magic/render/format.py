@@ -7,6 +7,11 @@ import math
 from ..core.result import CallRecord, MoaResult
 
 
+def run_title(preset: str | None) -> str:
+    """'preset together-moa', or 'custom run' when the models were named by flags."""
+    return f"preset {preset}" if preset else "custom run"
+
+
 def seconds(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}s"
 
@@ -37,6 +42,8 @@ def tokens(record: CallRecord) -> str:
 
 def call_summary(record: CallRecord) -> str:
     parts = [record.model, record.status]
+    if record.truncated:
+        parts.append(f"truncated at max_tokens={record.max_tokens}")
     if record.latency_s is not None:
         parts.append(seconds(record.latency_s))
     if record.ttft_s is not None:

@@ -20,7 +20,7 @@ import html
 import re
 from typing import TYPE_CHECKING
 
-from .format import call_summary, seconds, totals_line
+from .format import call_summary, run_title, seconds, totals_line
 from .terminal import terminal_safe
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def header_text(result: MoaResult, elapsed_s: float | None = None, status: str |
 
     cost = usd(t["cost_usd"]) if cost_known else f"≥{usd(t['cost_usd'])}"
     return (
-        f"MoA · preset {result.preset} · {result.shape} · {status} · {seconds(elapsed)} · "
+        f"MoA · {run_title(result.preset)} · {result.shape} · {status} · {seconds(elapsed)} · "
         f"{t['calls']} calls ({t['ok']} ok, {t['failed']} failed) · "
         f"in {approx}{t['input_tokens']} / out {approx}{t['output_tokens']} tok · {cost}"
     )

@@ -36,6 +36,7 @@ from ..core.events import (
     RunStarted, TextDelta,
 )
 from .static import call_body_html, esc, final_body_html, header_text, layer_title, node_title
+from .format import run_title
 
 if TYPE_CHECKING:
     from ..core.plan import Plan
@@ -103,7 +104,7 @@ class _Node:
 class TreeRenderer:
     """Build with `for_plan(plan)` before the run starts, display `.widget`, pass it as a listener."""
 
-    def __init__(self, preset: str, shape: str, layers: list[list[str]], aggregator: str,
+    def __init__(self, preset: str | None, shape: str, layers: list[list[str]], aggregator: str,
                  interval: float = INTERVAL_S):
         import ipywidgets as w
 
@@ -119,7 +120,7 @@ class TreeRenderer:
         self._header_push = 0.0
 
         self.header = w.HTML(
-            value=f'<div style="{HEADER_STYLE}">MoA · preset {esc(preset)} · {esc(shape)} · starting…</div>'
+            value=f'<div style="{HEADER_STYLE}">MoA · {esc(run_title(preset))} · {esc(shape)} · starting…</div>'
         )
         self.header.add_class("moa-header")
 
