@@ -304,3 +304,21 @@ def test_a_server_that_dies_on_start_reports_its_log(monkeypatch, tmp_path, fres
 def test_import_is_cheap():
     code = "import sys, moa_magic.providers.local; assert 'llama_cpp' not in sys.modules, 'llama_cpp imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_install_commands_build_llama_cpp_portably():
+    """The README's commands, CI and the crash message's fix all use the same build settings."""
+    readme = (ROOT / "README.md").read_text("utf-8")
+    ci = (ROOT / ".ci" / "run").read_text("utf-8")
+    pyproject = (ROOT / "pyproject.toml").read_text("utf-8")
+    first_screen = readme.split("In a notebook:")[0]
+    commands = [line for line in first_screen.splitlines() if "pip install" in line]
+    assert len(commands) == 2
+    for command in commands:
+        assert f'CMAKE_ARGS="{local.PORTABLE_CMAKE_ARGS}"' in command
+        assert 'PIP_CACHE_DIR="$HOME/.cache/moa-magic/pip"' in command
+    assert f'CMAKE_ARGS="{local.PORTABLE_CMAKE_ARGS}"' in ci
+    assert 'PIP_CACHE_DIR="$HOME/.cache/moa-magic/pip"' in ci
+    assert f'"{local.LLAMA_REQUIREMENT}"' in pyproject
+    fix = local.rebuild_command()
+    assert local.LLAMA_REQUIREMENT in fix and "--no-cache-dir" in fix and sys.executable in fix

@@ -50,3 +50,22 @@ def test_local_preset_runs_a_real_mixture_and_reuses_the_server(no_user_config):
     with pytest.raises(ProcessLookupError):
         os.kill(info["pid"], 0)
     assert local.server_info() is None
+
+
+def test_the_local_presets_defaults_give_complete_answers(no_user_config):
+    result = moa_magic.run("Why is the sky blue?")
+    assert result.ok
+    for record in result.calls():
+        assert record.finish_reason == "stop", (record.label, record.output_tokens)
+        assert not record.truncated
+    assert result.to_dict()["aggregator"]["truncated"] is False
+
+
+def test_a_call_cut_by_max_tokens_is_marked_truncated(no_user_config):
+    from moa_magic.render.format import call_summary
+
+    result = moa_magic.run("Explain photosynthesis.", max_tokens=4)
+    for record in result.calls():
+        assert record.finish_reason == "length" and record.truncated
+        assert "truncated at max_tokens=4" in call_summary(record)
+        assert record.to_dict()["truncated"] is True

@@ -59,7 +59,7 @@ __all__ = [
     "server_command",
     "crash_reason",
     "PORTABLE_CMAKE_ARGS",
-    "REBUILD_COMMAND",
+    "rebuild_command",
 ]
 
 MODEL_ALIAS = "smollm2"
@@ -77,11 +77,20 @@ PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA
 #: For CPUs without AVX2 (a portable build then dies with SIGILL).
 BASELINE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF"
 LLAMA_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
-#: --no-cache-dir: pip's wheel cache keys a built wheel by version, not by CMAKE_ARGS.
-REBUILD_COMMAND = (
-    f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --force-reinstall --no-cache-dir '
-    f'"{LLAMA_REQUIREMENT}"'
-)
+
+
+def rebuild_command(cmake_args: str = PORTABLE_CMAKE_ARGS) -> str:
+    """The pip command that rebuilds llama.cpp for this Python with `cmake_args`.
+
+    --no-cache-dir: pip's wheel cache keys a built wheel by version, not by CMAKE_ARGS, so without
+    it pip would reinstall the same crashing build.
+    """
+    return (
+        f'CMAKE_ARGS="{cmake_args}" {sys.executable} -m pip install --force-reinstall --no-deps '
+        f'--no-cache-dir "{LLAMA_REQUIREMENT}"'
+    )
+
+
 SELF_CHECK_PROMPT = "Reply with one short sentence: what is two plus two?"
 
 # Indirection so tests can simulate a missing extra without uninstalling anything.
@@ -326,9 +335,9 @@ def _how_it_ended(returncode: int) -> str:
 def _fix_for(returncode: int) -> str:
     if returncode == -signal.SIGILL:
         # An instruction this CPU lacks: rebuild without AVX2.
-        return REBUILD_COMMAND.replace(PORTABLE_CMAKE_ARGS, BASELINE_CMAKE_ARGS)
+        return rebuild_command(BASELINE_CMAKE_ARGS)
     if returncode < 0 and returncode != -signal.SIGKILL and returncode != -signal.SIGTERM:
-        return REBUILD_COMMAND
+        return rebuild_command()
     return "see the log; the next run starts a new server"
 
 
