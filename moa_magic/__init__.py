@@ -3,7 +3,7 @@
 Import stays light: the engine, aiohttp, encodings and price data load on first use.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "run": "core.runner",

@@ -409,7 +409,7 @@ class MoaMagics(Magics):
         )
 
     def _cmd_version(self, rest: str) -> None:
-        from .. import __version__
+        from ..version import __version__
 
         print(f"moa-magic {__version__}")
 
