@@ -285,7 +285,7 @@ def test_a_saved_notebook_never_holds_the_key(chat_server, tmp_path, monkeypatch
     echo of the key, then scan every byte of the saved notebook (outputs and widget state)."""
     import nbformat
     from nbclient import NotebookClient
-    from test_notebooks import venv_kernel
+    from helpers import venv_kernel
 
     secret = "sk-live-NOTEBOOK-7c1d9e2f4a6b"
     config = tmp_path / "moa.toml"

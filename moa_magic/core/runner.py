@@ -45,6 +45,10 @@ class _WorkerLoop:
                 atexit.register(self.stop)
             return self._loop
 
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
     def submit(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop())
 

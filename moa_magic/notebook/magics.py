@@ -273,7 +273,7 @@ class MoaMagics(Magics):
         }
         return {k: v for k, v in chosen.items() if v is not None}
 
-    def _frontend(self) -> str:
+    def frontend(self) -> str:
         """'widgets' (a Jupyter kernel with show_tree), 'text' (a kernel, no tree) or 'terminal'."""
         if getattr(self.shell, "kernel", None) is None:
             return "terminal"
@@ -291,7 +291,7 @@ class MoaMagics(Magics):
         from ..render.static import StaticRun
         from ..render.terminal import TerminalRenderer
 
-        frontend = self._frontend()
+        frontend = self.frontend()
         pump = _Pump()
         tree = None
         if frontend == "widgets":

@@ -185,6 +185,11 @@ class TreeRenderer:
     def final_widget(self):
         return self.final.text
 
+    @property
+    def ticker(self) -> threading.Thread | None:
+        """The thread that pushes coalesced updates while the run goes on (None before it starts)."""
+        return self._flusher
+
     # --- listener ---------------------------------------------------------------------------------
 
     def __call__(self, event: Event) -> None:
