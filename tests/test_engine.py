@@ -407,3 +407,28 @@ def test_a_run_cancelled_before_its_task_starts_is_marked_cancelled(chat_server,
     assert engine.result.status == "cancelled"
     assert {r.status for r in engine.result.calls()} == {"cancelled"}
     assert chats(chat_server) == []
+
+
+def test_a_run_cancelled_before_any_request_counts_no_call_anywhere(chat_server, moa_config):
+    """One definition of a call (its request went out): totals(), the header, the JSON and the
+    session ledger all say 0 for a run cancelled before its task started."""
+    from moa_magic.accounting import usage
+    from moa_magic.core import runner
+    from moa_magic.render.format import header_text
+
+    usage.reset_session()
+    plan, cfg = runner.prepare("never starts", preset="fake")
+    blocker = threading.Event()
+    runner.worker.loop().call_soon_threadsafe(blocker.wait, 2)  # keep the loop busy for a moment
+    engine, future, finished = runner.start(plan, cfg, "never starts")
+    future.cancel()
+    blocker.set()
+    assert finished.wait(1)
+    result = engine.result
+    assert result.totals()["calls"] == 0
+    assert json.loads(json.dumps(result.to_dict()))["totals"]["calls"] == 0
+    assert [t["calls"] for t in result.layer_totals()] == [0, 0]
+    assert "· cancelled · " in header_text(result) and " 0 calls (0 ok, 0 failed)" in header_text(result)
+    ledger = usage.session_summary()
+    assert (ledger.runs, ledger.cancelled, ledger.calls) == (1, 1, 0)
+    assert chats(chat_server) == []

@@ -142,6 +142,7 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
             engine.result.status, engine.result.error = Status.CANCELLED, "interrupted"
             for record in engine.result.calls():
                 record.status = Status.CANCELLED
+            _record_usage(engine.result)
             finished.set()
 
     future = worker.submit(guarded())
