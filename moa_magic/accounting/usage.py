@@ -27,10 +27,10 @@ __all__ = ["ModelUsage", "SessionUsage", "record_run", "session_summary", "reset
 NO_CALLS = "no calls yet in this session"
 
 
-@dataclass(frozen=True)
-class ModelUsage:
-    model: str
-    totals: Totals = Totals()
+class _Figures:
+    """The figures of a `totals` (a model's, or the whole session's), read by name."""
+
+    totals: Totals
 
     @property
     def calls(self) -> int:
@@ -49,20 +49,34 @@ class ModelUsage:
         return self.totals.cost_usd
 
     @property
+    def cost_complete(self) -> bool:
+        return self.totals.cost_complete
+
+    @property
+    def approximate(self) -> bool:
+        return self.totals.tokens_approx
+
+
+@dataclass(frozen=True)
+class ModelUsage(_Figures):
+    model: str
+    totals: Totals = Totals()
+
+    @property
     def price_unknown(self) -> bool:
         """Some call of this model had no price; `cost_usd` leaves it out."""
-        return not self.totals.cost_complete
+        return not self.cost_complete
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "calls": self.calls, "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens, "cost_usd": self.cost_usd,
-            "cost_complete": self.totals.cost_complete, "tokens_approx": self.totals.tokens_approx,
+            "cost_complete": self.cost_complete, "tokens_approx": self.approximate,
         }
 
 
 @dataclass(frozen=True)
-class SessionUsage:
+class SessionUsage(_Figures):
     """A snapshot of the ledger. `cost_usd` sums known costs; `cost_complete` is False otherwise."""
 
     runs: int = 0
@@ -77,32 +91,8 @@ class SessionUsage:
         return sum((m.totals for m in self.models), Totals())
 
     @property
-    def calls(self) -> int:
-        return self.totals.calls
-
-    @property
-    def input_tokens(self) -> int:
-        return self.totals.input_tokens
-
-    @property
-    def output_tokens(self) -> int:
-        return self.totals.output_tokens
-
-    @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
-
-    @property
-    def cost_usd(self) -> float:
-        return self.totals.cost_usd
-
-    @property
-    def cost_complete(self) -> bool:
-        return self.totals.cost_complete
-
-    @property
-    def approximate(self) -> bool:
-        return self.totals.tokens_approx
 
     @property
     def unknown_prices(self) -> tuple[str, ...]:
@@ -129,7 +119,7 @@ class SessionUsage:
     def table(self) -> Table:
         rows = []
         for m in self.models:
-            mark = approx_mark(m.totals.tokens_approx)
+            mark = approx_mark(m.approximate)
             rows.append((m.model, str(m.calls), f"{mark}{m.input_tokens}", f"{mark}{m.output_tokens}",
                          m.totals.cost_text))
         return Table(("model", "calls", "input tokens", "output tokens", "cost"), tuple(rows),
