@@ -9,6 +9,9 @@ A run that ends without a final answer also ends in a one-line `UsageError` — 
 the static rendition show what happened and `_moa` holds the partial result. An interrupt
 (KeyboardInterrupt) cancels every request, marks the run cancelled in the tree, stores `_moa`, then
 re-raises so the kernel reports the interrupt.
+
+Over ~400 lines for now: `interpolate` (the `{{name}}` substitution) moves to its own module,
+notebook/interpolate.py, once the security work on it has landed (issue 12).
 """
 
 from __future__ import annotations
