@@ -24,8 +24,6 @@ class Status:
     CANCELLED = "cancelled"
     SKIPPED = "skipped"  # call: never sent, an earlier layer had too few answers
 
-    CALL = (WAITING, STREAMING, DONE, FAILED, CANCELLED, SKIPPED)
-    RUN = (RUNNING, DONE, FAILED, CANCELLED)
     ENDED = (DONE, FAILED, CANCELLED)  # of a run: what the session ledger counts
     PENDING = (WAITING, STREAMING)  # of a call: not ended
 
@@ -155,7 +153,7 @@ class MoaResult:
     system: str | None
     layers: list[list[CallRecord]]
     aggregator: CallRecord
-    status: str = Status.RUNNING  # one of Status.RUN
+    status: str = Status.RUNNING  # then DONE, FAILED or CANCELLED
     error: str | None = None
     started: float = field(default_factory=time.time)
     elapsed_s: float = 0.0
