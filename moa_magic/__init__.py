@@ -3,7 +3,7 @@
 Import stays light: the engine, aiohttp, encodings and price data load on first use.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "run": "core.runner",
@@ -26,6 +26,9 @@ def __getattr__(name):
         raise AttributeError(f"module 'moa_magic' has no attribute {name!r}")
     import importlib
 
+    # Results shown through the public API display as the static rendition (`_moa`, Out[n]):
+    # the render side plugs its forms into the data types when it is imported.
+    importlib.import_module(f"{__name__}.render.static")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 

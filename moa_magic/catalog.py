@@ -1,10 +1,13 @@
-"""What is configured: presets and providers, each provider with whether its key is set (never the key)."""
+"""What is configured, and its `%moa list` / `%moa show` views: presets and providers, each provider
+with whether its key is set (never the key)."""
 
 from __future__ import annotations
 
 import html
 
-from .config import Config, Preset
+from .config import Config, ModelEntry, Preset
+from .core.method import AGGREGATE_PROMPT
+from .figures import TextAndHtml
 
 
 def provider_rows(config: Config) -> list[dict]:
@@ -54,3 +57,50 @@ def catalog_html(config: Config) -> str:
         f"{presets}</table><b>Providers</b><table><tr><th></th><th>name</th><th>key</th>"
         f"<th>base URL</th></tr>{providers}</table>"
     )
+
+
+def catalog_view(config: Config) -> TextAndHtml:
+    """`%moa list` / `moa --list`."""
+    return TextAndHtml(catalog_text(config), catalog_html(config))
+
+
+def _entry(entry: ModelEntry) -> str:
+    extra = [f"{k} {getattr(entry, k)}" for k in ("temperature", "max_tokens", "seed")
+             if getattr(entry, k) is not None]
+    if entry.system is not None:
+        extra.append("own system prompt")
+    return entry.spec + (f" ({', '.join(extra)})" if extra else "")
+
+
+def preset_rows(preset: Preset, overrides: dict | None = None) -> list[tuple[str, str]]:
+    rows = [("description", preset.description or "–"), ("defined in", preset.source)]
+    for number, layer in enumerate(preset.layers, start=1):
+        rows.append((f"layer {number}", ", ".join(_entry(e) for e in layer)))
+    rows.append(("aggregator", _entry(preset.aggregator)))
+    rows.append(("temperature", f"{preset.temperature:g}"))
+    rows.append(("max_tokens", str(preset.max_tokens)))
+    rows.append(("system prompt", preset.system or "–"))
+    rows.append((
+        "aggregator prompt",
+        preset.aggregator_prompt or f"(the MoA paper's default)\n{AGGREGATE_PROMPT}",
+    ))
+    for key, value in (overrides or {}).items():
+        rows.append((f"this notebook: {key}", f"{value} (MoaMagics.{key}; a flag on the cell wins)"))
+    return rows
+
+
+def preset_view(name: str, preset: Preset, overrides: dict | None = None) -> TextAndHtml:
+    """`%moa show PRESET`; `overrides` are the notebook's MoaMagics defaults."""
+    rows = preset_rows(preset, overrides)
+    text_lines = [f"Preset {name}:"]
+    for key, value in rows:
+        first, *rest = value.split("\n")
+        text_lines.append(f"  {key:<18} {first}")
+        text_lines += [f"  {'':<18} {line}" for line in rest]
+    e = html.escape
+    body = "".join(
+        f"<tr><th style='text-align:left;vertical-align:top'>{e(k)}</th>"
+        f"<td style='text-align:left;white-space:pre-wrap'>{e(v)}</td></tr>"
+        for k, v in rows
+    )
+    return TextAndHtml("\n".join(text_lines), f"<b>Preset <code>{e(name)}</code></b><table>{body}</table>")

@@ -11,7 +11,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, MoaUserError
+from .limits import max_tokens_problem, temperature_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,6 +110,15 @@ class Config:
     auto_presets: tuple[str, ...] = ()
     settings: RunSettings = RunSettings()
     files: tuple[str, ...] = ()
+
+    def preset(self, name: str) -> Preset:
+        """The preset called `name`; an unknown name is a MoaUserError listing the known ones."""
+        if name not in self.presets:
+            raise MoaUserError(
+                f"Unknown preset {name!r}. Presets: {', '.join(sorted(self.presets))}. "
+                f"Define your own as [presets.{name}] in moa.toml."
+            )
+        return self.presets[name]
 
 
 def user_config_path() -> Path | None:
@@ -285,11 +295,11 @@ def _preset(name: str, table: dict, where: str) -> Preset:
     if "aggregator" not in table:
         raise ConfigError(f"{where}: [{section}] needs aggregator = \"provider:model\".")
     number = table.get("temperature", 0.7)
-    if not isinstance(number, (int, float)) or not 0 <= number <= 2:
-        raise ConfigError(f"{where}: [{section}] temperature must be a number from 0 to 2.")
     tokens = table.get("max_tokens", 512)
-    if not isinstance(tokens, int) or tokens < 1:
-        raise ConfigError(f"{where}: [{section}] max_tokens must be a whole number of at least 1.")
+    for key, problem in (("temperature", temperature_problem(number)),
+                         ("max_tokens", max_tokens_problem(tokens))):
+        if problem:
+            raise ConfigError(f"{where}: [{section}] {key} {problem}.")
     for key in ("description", "system", "aggregator_prompt"):
         if key in table and not isinstance(table[key], str):
             raise ConfigError(f"{where}: [{section}] {key} must be a string.")

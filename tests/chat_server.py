@@ -566,19 +566,3 @@ class ChatServer:
             await asyncio.sleep(0.01)  # let what was written so far reach the client
             transport.close()
         raise asyncio.CancelledError()
-
-
-# The moa.toml of the `moa_config` fixture: providers `fake` and `fakekey` (key in MOA_TEST_KEY)
-# pointing at a ChatServer, and preset `fake` (3 proposers + aggregator).
-MOA_TOML = """\
-[providers.fake]
-base_url = "{url}"
-
-[providers.fakekey]
-base_url = "{url}"
-api_key_env = "MOA_TEST_KEY"
-
-[presets.fake]
-layers = [["fake:a", "fake:b", "fake:c"]]
-aggregator = "fake:agg"
-"""

@@ -1,4 +1,5 @@
-"""Shared fixtures.  The fake provider lives in tests/chat_server.py (ChatServer, Reply)."""
+"""Shared fixtures. The fake provider lives in tests/chat_server.py (ChatServer, Reply); shared
+plumbing (TOML blocks, hostile text, checks) in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # `from chat_server import ChatServer, Reply`
+sys.path.insert(0, str(Path(__file__).parent))  # `from chat_server import …`, `from helpers import …`
 
-from chat_server import MOA_TOML, ChatServer, Reply  # noqa: E402
+from chat_server import ChatServer, Reply  # noqa: E402
+from helpers import MOA_TOML  # noqa: E402
 
 __all__ = ["ChatServer", "Reply"]
 
@@ -49,12 +51,23 @@ def shared_chat_server(_shared_chat_server_session):
 
 
 @pytest.fixture
-def moa_config(tmp_path, chat_server, monkeypatch) -> Path:
+def write_moa_toml(tmp_path, chat_server, monkeypatch):
+    """`write_moa_toml(text, name="moa.toml") -> Path`: the config file, `{url}` filled in with
+    `chat_server`'s base URL, and MOA_MAGIC_CONFIG pointing at it (kernels and the CLI inherit it)."""
+
+    def write(text: str, name: str = "moa.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text.format(url=chat_server.url), "utf-8")
+        monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def moa_config(write_moa_toml) -> Path:
     """A moa.toml pointing providers `fake` and `fakekey` at `chat_server`; MOA_MAGIC_CONFIG set."""
-    path = tmp_path / "moa.toml"
-    path.write_text(MOA_TOML.format(url=chat_server.url), "utf-8")
-    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
-    return path
+    return write_moa_toml(MOA_TOML)
 
 
 BROWSER_TESTS = Path(__file__).parent / "browser"

@@ -394,7 +394,8 @@ def test_local_server_that_is_not_running_gets_a_clear_error(monkeypatch):
     assert "ollama serve" in error
 
 
-def test_a_run_cancelled_before_its_task_starts_is_marked_cancelled(chat_server, moa_config):
+def cancel_before_the_task_starts():
+    """Start a run and cancel it while the worker loop is busy, so its task never runs."""
     from moa_magic.core import runner
 
     plan, cfg = runner.prepare("never starts", preset="fake")
@@ -404,6 +405,28 @@ def test_a_run_cancelled_before_its_task_starts_is_marked_cancelled(chat_server,
     future.cancel()
     blocker.set()
     assert finished.wait(1)
+    return engine
+
+
+def test_a_run_cancelled_before_its_task_starts_is_marked_cancelled(chat_server, moa_config):
+    engine = cancel_before_the_task_starts()
     assert engine.result.status == "cancelled"
     assert {r.status for r in engine.result.calls()} == {"cancelled"}
+    assert chats(chat_server) == []
+
+
+def test_a_run_cancelled_before_any_request_counts_no_call_anywhere(chat_server, moa_config):
+    """One definition of a call (its request went out): totals(), the header, the JSON and the
+    session ledger all say 0 for a run cancelled before its task started."""
+    from moa_magic.accounting import usage
+    from moa_magic.render.format import header_text
+
+    usage.reset_session()
+    result = cancel_before_the_task_starts().result
+    assert result.totals()["calls"] == 0
+    assert json.loads(json.dumps(result.to_dict()))["totals"]["calls"] == 0
+    assert [t["calls"] for t in result.layer_totals()] == [0, 0]
+    assert "· cancelled · " in header_text(result) and " 0 calls (0 ok, 0 failed)" in header_text(result)
+    ledger = usage.session_summary()
+    assert (ledger.runs, ledger.cancelled, ledger.calls) == (1, 1, 0)
     assert chats(chat_server) == []

@@ -15,7 +15,7 @@ from moa_magic.core import method, runner
 from moa_magic.accounting import tokens
 from moa_magic.accounting.estimate import JOIN_SLACK, CostLimitExceeded, estimate_plan
 from moa_magic.errors import MoaUserError
-from chat_server import MOA_TOML
+from helpers import MOA_TOML
 
 PRICES = """
 [prices."fake:a"]
@@ -42,12 +42,9 @@ base_url = "https://llm.example.invalid/v1"
 
 
 @pytest.fixture
-def priced_config(tmp_path, chat_server, monkeypatch):
+def priced_config(write_moa_toml):
     """moa_config plus $1/M input and $2/M output for every fake model."""
-    path = tmp_path / "priced.toml"
-    path.write_text(MOA_TOML.format(url=chat_server.url) + PRICES + REMOTE, "utf-8")
-    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
-    return path
+    return write_moa_toml(MOA_TOML + PRICES + REMOTE, "priced.toml")
 
 
 def chats(server):
@@ -109,7 +106,7 @@ def test_estimate_run_neither_starts_the_worker_loop_nor_imports_the_client(chat
         "import sys\n"
         "from moa_magic.core import runner\n"
         "e = runner.estimate_run('hi', preset='fake', max_cost=0.5)\n"
-        "assert runner.worker._loop is None, 'worker loop started'\n"
+        "assert not runner.worker.started, 'worker loop started'\n"
         "assert 'moa_magic.providers.client' not in sys.modules and 'aiohttp' not in sys.modules\n"
         "print(e.within_max_cost)\n"
     )

@@ -18,23 +18,9 @@ from moa_magic.notebook.magics import MoaMagics, interpolate
 from moa_magic.options import RUN_OPTIONS
 
 from chat_server import Reply, last_user_message
+from helpers import FAKE_PRESET, FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, dom_classes
 
-MAGIC_TOML = """\
-[providers.fake]
-base_url = "{url}"
-
-[providers.fakekey]
-base_url = "{url}"
-api_key_env = "MOA_TEST_KEY"
-
-[settings]
-retries = 0
-backoff_base = 0
-
-[presets.fake]
-layers = [["fake:a", "fake:b", "fake:c"]]
-aggregator = "fake:agg"
-
+MAGIC_TOML = "\n".join([FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, FAKE_PRESET]) + """
 [presets.other]
 description = "two proposers"
 layers = [["fake:x", {{ model = "fake:y", temperature = 0.1 }}]]
@@ -48,11 +34,8 @@ aggregator = "fakekey:agg"
 
 
 @pytest.fixture
-def config(tmp_path, chat_server, monkeypatch):
-    path = tmp_path / "moa.toml"
-    path.write_text(MAGIC_TOML.format(url=chat_server.url), "utf-8")
-    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
-    return path
+def config(write_moa_toml):
+    return write_moa_toml(MAGIC_TOML)
 
 
 @pytest.fixture
@@ -232,7 +215,7 @@ def test_config_file_trait(shell, config, chat_server, monkeypatch, tmp_path):
 
 
 def test_widgets_frontend_through_the_magic(shell, config, chat_server, monkeypatch):
-    monkeypatch.setattr(MoaMagics, "_frontend", lambda self: "widgets")
+    monkeypatch.setattr(MoaMagics, "frontend", lambda self: "widgets")
     cap = run(shell, "%%moa --preset fake\nQ")
     tree = magics(shell).last_tree
     assert tree is not None and tree.final_widget.value.startswith("<p>agg says: Q")
@@ -246,12 +229,12 @@ def test_widgets_frontend_through_the_magic(shell, config, chat_server, monkeypa
 def test_kernel_without_tree_prints_progress_then_static(shell, config, chat_server, monkeypatch):
     monkeypatch.setattr(shell, "kernel", object(), raising=False)
     run(shell, "%config MoaMagics.show_tree = False")
-    assert magics(shell)._frontend() == "text"
+    assert magics(shell).frontend() == "text"
     cap = run(shell, "%%moa --preset fake\nQ")
     assert "✓ L1.1" in cap.stdout and "agg says" not in cap.stdout  # the answer is not streamed
     assert "agg says: Q" in cap.outputs[-1].data["text/html"]
     run(shell, "%config MoaMagics.show_tree = True")
-    assert magics(shell)._frontend() == "widgets"
+    assert magics(shell).frontend() == "widgets"
 
 
 # --- user errors: UsageError, and no request --------------------------------------------------
@@ -306,7 +289,7 @@ def test_run_without_final_answer(shell, config, chat_server):
 
 
 def test_interrupt_cancels_stores_partial_result_and_reraises(shell, config, chat_server, monkeypatch):
-    monkeypatch.setattr(MoaMagics, "_frontend", lambda self: "widgets")
+    monkeypatch.setattr(MoaMagics, "frontend", lambda self: "widgets")
     chat_server.script(model="a", reply=Reply(text="quick"))
     chat_server.script(reply=Reply(hang=True))
 
@@ -322,7 +305,7 @@ def test_interrupt_cancels_stores_partial_result_and_reraises(shell, config, cha
     assert [r.status for r in result.layers[0]] == ["done", "cancelled", "cancelled"]
     tree = magics(shell).last_tree
     assert ">cancelled<" in tree.header.value
-    assert "moa-status-cancelled" in tree.nodes[(1, 1)].section._dom_classes
+    assert "moa-status-cancelled" in dom_classes(tree.nodes[(1, 1)].section)
     assert tree.layer_sections[0].selected_index == 0
     static = cap.outputs[-1].data
     assert "cancelled" in static["text/plain"]

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
+
+from helpers import FAKE_PRESET, FAKE_PROVIDER, venv_kernel
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 # `default_preset = "fake"`: the notebooks use the default preset, which on a fresh machine is the
 # embedded local model. `local` is redefined here so `--preset local` also runs against the server.
-NOTEBOOK_TOML = """\
-default_preset = "fake"
-
-[providers.fake]
-base_url = "{url}"
-
-[presets.fake]
-layers = [["fake:a", "fake:b", "fake:c"]]
-aggregator = "fake:agg"
-
+NOTEBOOK_TOML = "\n".join(['default_preset = "fake"\n', FAKE_PROVIDER, FAKE_PRESET]) + """
 [presets.local]
 description = "the embedded model, replaced by the fake server in the tests"
 layers = [["fake:l1", "fake:l2"]]
@@ -32,21 +23,8 @@ aggregator = "fake:lagg"
 
 
 @pytest.fixture
-def notebook_config(tmp_path, chat_server, monkeypatch):
-    path = tmp_path / "moa.toml"
-    path.write_text(NOTEBOOK_TOML.format(url=chat_server.url), "utf-8")
-    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))  # the kernel inherits the environment
-    return path
-
-
-def venv_kernel() -> str:
-    """The `python3` kernelspec must run this interpreter (the venv's, where moa_magic is installed)."""
-    spec = KernelSpecManager().get_kernel_spec("python3")
-    assert spec.argv[0] == sys.executable or spec.argv[0].startswith(sys.prefix), (
-        f"kernel python3 runs {spec.argv[0]}, not this venv's python; "
-        f"run `python -m ipykernel install --sys-prefix`"
-    )
-    return "python3"
+def notebook_config(write_moa_toml):
+    return write_moa_toml(NOTEBOOK_TOML)  # the kernel inherits MOA_MAGIC_CONFIG
 
 
 def test_there_are_notebooks():

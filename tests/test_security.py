@@ -180,10 +180,10 @@ def test_echoing_replies_and_unexpected_errors_do_not_leak_the_key(
     _echo_server_patch(chat_server, monkeypatch)
     original = client._read_whole
 
-    def exploding(text, provider, on_delta, reply, started):  # a bug that quotes the key
+    def exploding(text, provider, on_delta, reply):  # a bug that quotes the key
         if provider.name == "fakekey" and "weird" in text:
             raise RuntimeError(f"surprise with {provider.api_key()} inside")
-        return original(text, provider, on_delta, reply, started)
+        return original(text, provider, on_delta, reply)
 
     monkeypatch.setattr(client, "_read_whole", exploding)
     chat_server.script(model="weird", reply=Reply(text="weird", json_instead_of_sse=True))
@@ -285,7 +285,7 @@ def test_a_saved_notebook_never_holds_the_key(chat_server, tmp_path, monkeypatch
     echo of the key, then scan every byte of the saved notebook (outputs and widget state)."""
     import nbformat
     from nbclient import NotebookClient
-    from test_notebooks import venv_kernel
+    from helpers import venv_kernel
 
     secret = "sk-live-NOTEBOOK-7c1d9e2f4a6b"
     config = tmp_path / "moa.toml"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 from moa_magic.core import runner
@@ -12,31 +10,7 @@ from moa_magic.render.sanitize import render, url_allowed
 from moa_magic.render.static import StaticRun, md_safe, result_html, result_markdown, result_text
 
 from chat_server import Reply
-
-HOSTILE = (
-    "Hello <script>alert(1)</script>\n\n"
-    "<img src=x onerror=alert(1)>\n\n"
-    "[x](javascript:alert(1)) [y](JaVa&#115;cript:alert(2)) [z](data:text/html,<b>hi</b>)\n\n"
-    "![p](data:image/png;base64,AAAA) [v](vbscript:msgbox) <javascript:alert(3)>\n\n"
-    "[ref]: javascript:alert(4)\n\n[ref]\n\n"
-    "\x1b[31mred\x1b[0m and a [good link](https://example.com/a?b=1)"
-)
-
-
-def assert_inert_html(text: str) -> None:
-    lower = text.lower()
-    assert "<script" not in lower
-    assert not re.search(r"<[^>]*\bonerror\s*=", lower), text
-    assert not re.search(r"<[^>]*\bon[a-z]+\s*=", lower), text
-    assert not re.search(r"""(href|src)\s*=\s*["']?\s*(javascript|vbscript|data):""", lower), text
-    assert "<img" not in lower  # the only image in HOSTILE has a data: URL
-
-
-def assert_inert_markdown(text: str) -> None:
-    assert "<" not in text.replace("&lt;", "")  # no raw HTML can form
-    assert not re.search(r"\]\(\s*<?\s*(javascript|vbscript|data)", text, re.I), text
-    assert not re.search(r"^\s{0,3}\[[^\]]*\]:\s*javascript", text, re.I | re.M), text
-
+from helpers import HOSTILE, assert_inert_html, assert_inert_markdown
 
 def make_result(final: str = "The **answer**.", status: str = "done") -> MoaResult:
     def rec(layer, index, model, role, text, st="done", error=None):

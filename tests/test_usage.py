@@ -13,7 +13,7 @@ import moa_magic
 from chat_server import Reply
 from moa_magic.accounting import usage
 from moa_magic.errors import RunFailed
-from chat_server import MOA_TOML
+from helpers import MOA_TOML
 
 PRICES = """
 [prices."fake:a"]
@@ -41,12 +41,9 @@ def _fresh_ledger():
 
 
 @pytest.fixture
-def priced_config(tmp_path, chat_server, monkeypatch):
+def priced_config(write_moa_toml):
     """fake:a and fake:b at $1/M in, $2/M out; fake:agg at $3/$4; fake:c stays local ($0)."""
-    path = tmp_path / "priced.toml"
-    path.write_text(MOA_TOML.format(url=chat_server.url) + PRICES, "utf-8")
-    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
-    return path
+    return write_moa_toml(MOA_TOML + PRICES, "priced.toml")
 
 
 def wait_for_runs(n: int, timeout: float = 3.0) -> usage.SessionUsage:

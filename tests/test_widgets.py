@@ -16,20 +16,9 @@ from moa_magic.render.sanitize import render
 from moa_magic.render.widgets import TreeRenderer
 
 from chat_server import Reply
-from test_static import HOSTILE, assert_inert_html
+from helpers import FAKE_PRESET, FAKE_PROVIDER, HOSTILE, NO_RETRIES, assert_inert_html, dom_classes
 
-WIDE_TOML = """\
-[providers.fake]
-base_url = "{url}"
-
-[settings]
-retries = 0
-backoff_base = 0
-
-[presets.fake]
-layers = [["fake:a", "fake:b", "fake:c"]]
-aggregator = "fake:agg"
-
+WIDE_TOML = "\n".join([FAKE_PROVIDER, NO_RETRIES, FAKE_PRESET]) + """
 [presets.deep]
 layers = [["fake:a", "fake:b"], ["fake:c", "fake:d"]]
 aggregator = "fake:agg"
@@ -42,11 +31,8 @@ max_tokens = 2000
 
 
 @pytest.fixture
-def config(tmp_path, chat_server, monkeypatch):
-    path = tmp_path / "moa.toml"
-    path.write_text(WIDE_TOML.format(url=chat_server.url), "utf-8")
-    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(path))
-    return path
+def config(write_moa_toml):
+    return write_moa_toml(WIDE_TOML)
 
 
 def run_tree(prompt: str, preset: str, **kwargs):
@@ -65,47 +51,43 @@ def walk(widget):
         yield from walk(child)
 
 
-def classes(widget) -> set[str]:
-    return set(widget._dom_classes)
-
-
 def test_tree_structure_titles_and_texts(config, chat_server):
     tree, result = run_tree("Why is the sky blue?", "deep")
     assert result.ok
     root = tree.widget
-    assert "moa-tree" in classes(root)
+    assert "moa-tree" in dom_classes(root)
     style, header, layer1, layer2, final = root.children
     assert style.value.startswith("<style>")
-    assert "moa-header" in classes(header)
+    assert "moa-header" in dom_classes(header)
     assert "preset deep" in header.value and ">done<" in header.value
     assert "3 layers: 2×2 proposers + aggregator" in header.value
 
     for number, section in ((1, layer1), (2, layer2)):
         assert isinstance(section, w.Accordion)
-        assert {"moa-layer", f"moa-layer-{number}"} <= classes(section)
+        assert {"moa-layer", f"moa-layer-{number}"} <= dom_classes(section)
         assert section.titles[0] == f"Layer {number} · 2 proposers · 2 done"
     # the run moved on: earlier layers are closed, the final answer is open
     assert layer1.selected_index is None and layer2.selected_index is None
     assert final.selected_index == 0
 
-    nodes = [n for n in walk(root) if "moa-node" in classes(n)]
+    nodes = [n for n in walk(root) if "moa-node" in dom_classes(n)]
     assert len(nodes) == 4
     for node, (layer, index, model) in zip(nodes, [(1, 1, "a"), (1, 2, "b"), (2, 1, "c"), (2, 2, "d")]):
         assert isinstance(node, w.Accordion) and len(node.children) == 1
-        assert f"moa-node-{layer}-{index}" in classes(node) and "moa-status-done" in classes(node)
+        assert f"moa-node-{layer}-{index}" in dom_classes(node) and "moa-status-done" in dom_classes(node)
         title = node.titles[0]
         assert title.startswith(f"✓ L{layer}.{index} · fake:{model} · done · ")
         assert "ttft" in title and "tok" in title
         text = node.children[0]
-        assert "moa-node-text" in classes(text)
+        assert "moa-node-text" in dom_classes(text)
         assert text.value == render(result.layers[layer - 1][index - 1].text)
         assert f"{model} says: Why is the sky blue?" in html.unescape(text.value)
 
-    assert "moa-final-section" in classes(final)
+    assert "moa-final-section" in dom_classes(final)
     assert final.titles[0].startswith("✓ aggregator · fake:agg · done")
-    assert "moa-final" in classes(tree.final_widget)
+    assert "moa-final" in dom_classes(tree.final_widget)
     assert tree.final_widget.value == render(result.final)
-    assert tree._flusher is not None and not tree._flusher.is_alive()  # ticker stopped
+    assert tree.ticker is not None and not tree.ticker.is_alive()  # ticker stopped
 
 
 def test_failed_proposer_shows_its_error(config, chat_server):
@@ -113,7 +95,7 @@ def test_failed_proposer_shows_its_error(config, chat_server):
     tree, result = run_tree("Q", "fake")
     assert result.ok
     node = tree.nodes[(1, 1)]
-    assert "moa-status-failed" in classes(node.section)
+    assert "moa-status-failed" in dom_classes(node.section)
     assert node.section.titles[0].startswith("✗ L1.2 · fake:b · failed")
     assert "moa-error" in node.text.value and "500" in node.text.value
     assert tree.layer_sections[0].titles[0] == "Layer 1 · 3 proposers · 2 done, 1 failed"
@@ -125,7 +107,7 @@ def test_run_without_final_answer_keeps_the_layer_open(config, chat_server):
     assert result.status == "failed"
     assert tree.layer_sections[0].selected_index == 0
     assert ">failed<" in tree.header.value
-    assert "moa-status-skipped" in classes(tree.final.section)
+    assert "moa-status-skipped" in dom_classes(tree.final.section)
     assert "fewer than min_ok" in tree.final_widget.value
 
 
@@ -219,5 +201,5 @@ def test_for_result_renders_a_finished_run(config, chat_server):
     result = runner.run("Q", preset="fake")
     tree = TreeRenderer.for_result(result)
     assert tree.final_widget.value == render(result.final)
-    assert all("moa-status-done" in classes(n.section) for n in tree.nodes.values())
+    assert all("moa-status-done" in dom_classes(n.section) for n in tree.nodes.values())
     assert ">done<" in tree.header.value

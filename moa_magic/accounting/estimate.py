@@ -42,10 +42,10 @@ import math
 from dataclasses import dataclass, field
 
 from ..core import method
-from . import prices, tokens
-from ..errors import MoaUserError
-from ..render.format import run_title, usd
 from ..core.plan import ModelCall, Plan
+from ..errors import MoaUserError
+from ..figures import PRICE_UNKNOWN, Table, approx_mark, run_title, unknown_prices_note, usd
+from . import prices, tokens
 
 __all__ = [
     "JOIN_SLACK", "CallEstimate", "LayerEstimate", "Estimate", "CostLimitExceeded",
@@ -234,15 +234,16 @@ class Estimate:
         }
 
     # --- renditions ---------------------------------------------------------------------------
-    def _rows(self) -> list[tuple[str, ...]]:
-        rows = []
-        for layer in self.layers:
-            rows.append(_row(layer.label, len(layer.calls), layer.input_min, layer.input_max,
-                             layer.input_exact, layer.output_max, layer.approximate,
-                             layer.cost_min, layer.cost_max))
+    def table(self) -> Table:
+        rows = [
+            _row(layer.label, len(layer.calls), layer.input_min, layer.input_max, layer.input_exact,
+                 layer.output_max, layer.approximate, layer.cost_min, layer.cost_max)
+            for layer in self.layers
+        ]
         rows.append(_row("total", len(self.calls()), self.input_min, self.input_max, False,
                          self.output_max, self.approximate, self.cost_min, self.cost_max))
-        return rows
+        return Table(("", "calls", "input tokens", "output tokens", "cost"), tuple(rows),
+                     left=frozenset({0, 4}), total_row=True)
 
     def headline(self) -> str:
         return f"moa estimate · {run_title(self.preset)} · {self.shape} · nothing sent"
@@ -250,16 +251,15 @@ class Estimate:
     def footer(self) -> list[str]:
         lines = []
         if self.unknown_prices:
-            names = ", ".join(self.unknown_prices)
             lines.append(
-                f"price unknown for {names}: add [prices.\"provider:model\"] input = …, output = … "
-                f"(USD per million tokens) to moa.toml"
+                f"{unknown_prices_note(self.unknown_prices)}: add [prices.\"provider:model\"] "
+                f"input = …, output = … (USD per million tokens) to moa.toml"
             )
         if self.max_cost is not None:
             if self.within_max_cost:
                 lines.append(f"--max-cost {usd(self.max_cost)}: within, the run would start")
             elif self.cost_max is None:
-                lines.append(f"--max-cost {usd(self.max_cost)}: cannot be checked (price unknown), "
+                lines.append(f"--max-cost {usd(self.max_cost)}: cannot be checked ({PRICE_UNKNOWN}), "
                              f"the run would be refused")
             else:
                 lines.append(f"--max-cost {usd(self.max_cost)}: upper bound {usd(self.cost_max)} "
@@ -271,18 +271,7 @@ class Estimate:
         return lines
 
     def text(self) -> str:
-        header = ("", "calls", "input tokens", "output tokens", "cost")
-        rows = [header, *self._rows()]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        lines = [self.headline()]
-        for row in rows:
-            cells = [row[0].ljust(widths[0])] + [
-                cell.rjust(w) if i < 3 else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(row[1:], widths[1:]), start=1)
-            ]
-            lines.append("  ".join(cells).rstrip())
-        lines.extend(self.footer())
-        return "\n".join(lines)
+        return "\n".join([self.headline(), *self.table().text(), *self.footer()])
 
     def __str__(self) -> str:
         return self.text()
@@ -291,41 +280,21 @@ class Estimate:
         printer.text("Estimate(...)" if cycle else self.text())
 
     def _repr_html_(self) -> str:
-        esc = html.escape
-        head = "".join(
-            f"<th style='text-align:{'left' if i in (0, 4) else 'right'}'>{esc(h)}</th>"
-            for i, h in enumerate(("", "calls", "input tokens", "output tokens", "cost"))
-        )
-        body = []
-        rows = self._rows()
-        for n, row in enumerate(rows):
-            cells = "".join(
-                f"<td style='text-align:{'left' if i in (0, 4) else 'right'}'>{esc(cell)}</td>"
-                for i, cell in enumerate(row)
-            )
-            style = " style='font-weight:bold;border-top:1px solid'" if n == len(rows) - 1 else ""
-            body.append(f"<tr{style}>{cells}</tr>")
-        footer = "".join(f"<div>{esc(line)}</div>" for line in self.footer())
+        footer = "".join(f"<div>{html.escape(line)}</div>" for line in self.footer())
         return (
-            f"<div class='moa-estimate'><div><b>{esc(self.headline())}</b></div>"
-            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-            f"{footer}</div>"
+            f"<div class='moa-estimate'><div><b>{html.escape(self.headline())}</b></div>"
+            f"{self.table().html()}{footer}</div>"
         )
 
 
 def _row(label, calls, input_min, input_max, exact, output_max, approx, cost_min, cost_max):
-    a = "≈" if approx else ""
-    if exact:
-        input_text = f"{a}{input_max} exact"
+    mark = approx_mark(approx)
+    input_text = f"{mark}{input_max} exact" if exact else f"{mark}{input_min} – ≤{input_max}"
+    if cost_max is None or cost_min == cost_max:
+        cost = usd(cost_max)
     else:
-        input_text = f"{a}{input_min} – ≤{input_max}"
-    if cost_max is None:
-        cost = "price unknown"
-    else:
-        cost = usd(cost_max) if cost_min == cost_max else f"{usd(cost_min)} – {usd(cost_max)}"
+        cost = f"{usd(cost_min)} – {usd(cost_max)}"
     return (label, str(calls), input_text, f"≤{output_max}", cost)
-
-
 
 
 def _call_estimate(call: ModelCall, label: str, messages_min: list[dict], messages_max: list[dict],

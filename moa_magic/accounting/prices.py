@@ -33,6 +33,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ..figures import PRICE_UNKNOWN
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Provider
 
@@ -40,7 +42,7 @@ __all__ = ["Price", "price_for", "LOCAL_SOURCE", "UNKNOWN_SOURCE", "CONFIG_SOURC
 
 CONFIG_SOURCE = "config"
 LOCAL_SOURCE = "local ($0)"
-UNKNOWN_SOURCE = "price unknown"
+UNKNOWN_SOURCE = PRICE_UNKNOWN
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
 

@@ -1,6 +1,6 @@
 """The Mixture-of-Agents method itself: how a later layer's messages are built.
 
-Follows ../shared/reference/moa-method.md (paper Table 1 and the authors' reference code) exactly.
+Follows docs/moa-method.md, the specification (paper Table 1 and the authors' reference code), exactly.
 Pure functions, no I/O, so the spec can be tested byte for byte.
 """
 

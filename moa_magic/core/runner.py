@@ -19,7 +19,7 @@ from ..config import Config, load_config
 from ..errors import MoaUserError, RunFailed
 from .events import Listener
 from .plan import Plan, build_plan
-from .result import MoaResult
+from .result import MoaResult, Status
 
 CANCEL_GRACE_S = 1.0
 
@@ -44,6 +44,10 @@ class _WorkerLoop:
                 self._thread.start()
                 atexit.register(self.stop)
             return self._loop
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
 
     def submit(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop())
@@ -135,9 +139,10 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
     def cancelled_before_start(future: concurrent.futures.Future) -> None:
         # Ctrl-C right after submit: the task never ran, so nothing else marks the result.
         if future.cancelled() and not started.is_set():
-            engine.result.status, engine.result.error = "cancelled", "interrupted"
+            engine.result.status, engine.result.error = Status.CANCELLED, "interrupted"
             for record in engine.result.calls():
-                record.status = "cancelled"
+                record.status = Status.CANCELLED
+            _record_usage(engine.result)
             finished.set()
 
     future = worker.submit(guarded())

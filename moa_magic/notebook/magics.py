@@ -9,10 +9,14 @@ A run that ends without a final answer also ends in a one-line `UsageError` — 
 the static rendition show what happened and `_moa` holds the partial result. An interrupt
 (KeyboardInterrupt) cancels every request, marks the run cancelled in the tree, stores `_moa`, then
 re-raises so the kernel reports the interrupt.
+
+Over ~400 lines for now: `interpolate` (the `{{name}}` substitution) moves to its own module,
+notebook/interpolate.py, once the security work on it has landed (issue 12).
 """
 
 from __future__ import annotations
 
+import functools
 import keyword
 import queue
 import re
@@ -28,6 +32,7 @@ from IPython.display import display
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from ..errors import MoaUserError
+from ..limits import max_tokens_problem, temperature_problem
 from ..options import RUN_OPTIONS, run_options
 
 SUBCOMMANDS = ("list", "show", "last", "usage", "help", "version")
@@ -35,6 +40,19 @@ SUBCOMMANDS = ("list", "show", "last", "usage", "help", "version")
 # {{ name }} / {{ name.attr.attr }}; \{{...}} is a literal {{...}}.
 _PLACEHOLDER = re.compile(r"(\\?)\{\{\s*([^{}\n]*?)\s*\}\}")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def _user_errors_as_usage_errors(func):
+    """The magics' edge: a `MoaUserError` from anywhere below becomes IPython's one-line UsageError."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MoaUserError as exc:
+            raise UsageError(str(exc)) from None
+
+    return wrapper
 
 
 def _with_run_options(func):
@@ -150,9 +168,9 @@ class MoaMagics(Magics):
     @validate("temperature")
     def _check_temperature(self, proposal):
         value = proposal["value"]
-        if value is not None and not 0 <= value <= 2:
+        if value is not None and temperature_problem(value):
             raise TraitError(
-                f"MoaMagics.temperature must be a number from 0 to 2 (or None for the preset's "
+                f"MoaMagics.temperature {temperature_problem(value)} (or None for the preset's "
                 f"value), got {value!r}."
             )
         return value
@@ -160,9 +178,9 @@ class MoaMagics(Magics):
     @validate("max_tokens")
     def _check_max_tokens(self, proposal):
         value = proposal["value"]
-        if value is not None and value < 1:
+        if value is not None and max_tokens_problem(value):
             raise TraitError(
-                f"MoaMagics.max_tokens must be a whole number of at least 1 (or None for the "
+                f"MoaMagics.max_tokens {max_tokens_problem(value)} (or None for the "
                 f"preset's value), got {value!r}."
             )
         return value
@@ -201,6 +219,7 @@ class MoaMagics(Magics):
         help="also store the result in this variable (the last result is always in _moa)",
     )
     @cell_magic("moa")
+    @_user_errors_as_usage_errors
     def moa_cell(self, line, cell):
         """Run the cell as a prompt through a Mixture-of-Agents: proposers, then an aggregator.
 
@@ -225,15 +244,9 @@ class MoaMagics(Magics):
         from ..core import runner
 
         if args.dry_run:
-            try:
-                display(runner.estimate_run(prompt, **options))
-            except MoaUserError as exc:
-                raise UsageError(str(exc)) from None
+            display(runner.estimate_run(prompt, **options))
             return None
-        try:
-            plan, cfg = runner.prepare(prompt, **options)
-        except MoaUserError as exc:
-            raise UsageError(str(exc)) from None
+        plan, cfg = runner.prepare(prompt, **options)
         self._run(plan, cfg, prompt, args.out)
         return None
 
@@ -263,7 +276,7 @@ class MoaMagics(Magics):
         }
         return {k: v for k, v in chosen.items() if v is not None}
 
-    def _frontend(self) -> str:
+    def frontend(self) -> str:
         """'widgets' (a Jupyter kernel with show_tree), 'text' (a kernel, no tree) or 'terminal'."""
         if getattr(self.shell, "kernel", None) is None:
             return "terminal"
@@ -277,10 +290,11 @@ class MoaMagics(Magics):
 
     def _run(self, plan, cfg, prompt: str, out: str | None) -> None:
         from ..core import runner
+        from ..core.result import Status
         from ..render.static import StaticRun
         from ..render.terminal import TerminalRenderer
 
-        frontend = self._frontend()
+        frontend = self.frontend()
         pump = _Pump()
         tree = None
         if frontend == "widgets":
@@ -302,8 +316,8 @@ class MoaMagics(Magics):
             runner.wait(future, finished, tick=pump)
         except KeyboardInterrupt:
             interrupted = True
-            if result.status == "running":  # the engine did not get to mark it within the grace
-                result.status, result.error = "cancelled", "interrupted"
+            if result.status == Status.RUNNING:  # the engine did not mark it within the grace
+                result.status, result.error = Status.CANCELLED, "interrupted"
             raise
         finally:
             pump()
@@ -326,6 +340,7 @@ class MoaMagics(Magics):
 
     @no_var_expand
     @line_magic("moa")
+    @_user_errors_as_usage_errors
     def moa_line(self, line):
         """%moa list | show [PRESET] | last | usage | help | version
 
@@ -353,30 +368,20 @@ class MoaMagics(Magics):
     def _config(self):
         from ..config import load_config
 
-        try:
-            return load_config(self.config_file or None)
-        except MoaUserError as exc:
-            raise UsageError(str(exc)) from None
+        return load_config(self.config_file or None)
 
     def _cmd_list(self, rest: str) -> None:
-        from ..render.static import catalog_view
+        from ..catalog import catalog_view
 
         display(catalog_view(self._config()))
 
     def _cmd_show(self, rest: str) -> None:
+        from ..catalog import preset_view
         from ..core.plan import default_preset_name
-        from ..render.static import preset_view
 
         cfg = self._config()
-        try:
-            name = rest or self.preset or default_preset_name(cfg)
-        except MoaUserError as exc:
-            raise UsageError(str(exc)) from None
-        preset = cfg.presets.get(name)
-        if preset is None:
-            raise UsageError(
-                f"Unknown preset {name!r}. Presets: {', '.join(sorted(cfg.presets))}."
-            )
+        name = rest or self.preset or default_preset_name(cfg)
+        preset = cfg.preset(name)
         overrides = {k: getattr(self, k) for k in ("temperature", "max_tokens", "system")
                      if getattr(self, k) is not None}
         display(preset_view(name, preset, overrides))
@@ -385,8 +390,8 @@ class MoaMagics(Magics):
         from ..render.static import StaticRun
 
         result = self.shell.user_ns.get("_moa")
-        if result is None and "moa_magic.runner" in sys.modules:
-            result = sys.modules["moa_magic.runner"].last_result()
+        if result is None and "moa_magic.core.runner" in sys.modules:
+            result = sys.modules["moa_magic.core.runner"].last_result()
         if result is None:
             raise UsageError("No run yet in this session: run a %%moa cell first.")
         display(StaticRun(result))
@@ -407,7 +412,7 @@ class MoaMagics(Magics):
         )
 
     def _cmd_version(self, rest: str) -> None:
-        from .. import __version__
+        from ..version import __version__
 
         print(f"moa-magic {__version__}")
 
@@ -433,6 +438,6 @@ def unload(shell) -> None:
                 del table[name]
     shell.magics_manager.registry.pop("MoaMagics", None)
     shell.configurables[:] = [c for c in shell.configurables if c is not magics]
-    runner = sys.modules.get("moa_magic.runner")
+    runner = sys.modules.get("moa_magic.core.runner")
     if runner is not None:
         runner.worker.stop()

@@ -16,7 +16,7 @@ import re
 import socket
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import aiohttp
@@ -46,11 +46,9 @@ class CallError(Exception):
 class Reply:
     text: str = ""
     usage: dict | None = None
-    ttft_s: float | None = None
     finish_reason: str | None = None
     attempts: int = 0
     saw_choices: bool = False
-    retries: list[str] = field(default_factory=list)
 
 
 def session() -> aiohttp.ClientSession:
@@ -191,8 +189,7 @@ async def stream_chat(
                 raise CallError(f"{error} (gave up after {attempt} attempts)", status=error.status)
             raise error
         delay = backoff_delay(attempt - 1, settings, error.retry_after)
-        reply.retries.append(str(error))
-        reply.text, reply.usage, reply.ttft_s, reply.finish_reason = "", None, None, None
+        reply.text, reply.usage, reply.finish_reason = "", None, None
         reply.saw_choices = False
         if on_retry is not None:
             on_retry(attempt, str(error), delay)
@@ -209,7 +206,6 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
     with_options = base_url not in _no_stream_options
     if with_options:
         payload["stream_options"] = {"include_usage": True}
-    started = time.perf_counter()
     timeout = aiohttp.ClientTimeout(
         total=None, connect=settings.connect_timeout, sock_connect=settings.connect_timeout
     )
@@ -260,9 +256,9 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
             )
         kind = response.content_type
         if kind == "text/event-stream":
-            await _read_stream(response, provider, settings, on_delta, reply, started)
+            await _read_stream(response, provider, settings, on_delta, reply)
         elif kind == "application/json":
-            _read_whole(await _read_text(response, settings), provider, on_delta, reply, started)
+            _read_whole(await _read_text(response, settings), provider, on_delta, reply)
         else:
             snippet = _server_message(200, await _read_text(response, settings))
             raise CallError(
@@ -289,7 +285,7 @@ async def _read_text(response, settings) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def _read_whole(text: str, provider, on_delta, reply: Reply, started: float) -> None:
+def _read_whole(text: str, provider, on_delta, reply: Reply) -> None:
     """A server that ignored `stream: true` and sent one JSON body."""
     try:
         data = json.loads(text)
@@ -304,7 +300,6 @@ def _read_whole(text: str, provider, on_delta, reply: Reply, started: float) -> 
         raise CallError(f"{provider.name} sent a reply with no choices: {text[:200]!r}")
     message = choices[0].get("message") or {}
     content = message.get("content") or ""
-    reply.ttft_s = time.perf_counter() - started
     reply.finish_reason = choices[0].get("finish_reason")
     if isinstance(data.get("usage"), dict):
         reply.usage = data["usage"]
@@ -313,7 +308,7 @@ def _read_whole(text: str, provider, on_delta, reply: Reply, started: float) -> 
         on_delta(content)
 
 
-async def _read_stream(response, provider, settings, on_delta, reply: Reply, started: float) -> None:
+async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> None:
     """Server-sent events: `data:` lines until `[DONE]`; comments, event names and blanks ignored."""
     data_lines: list[str] = []
     done = False
@@ -334,7 +329,7 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply, sta
         first = False
         if not raw:  # end of body
             if data_lines:
-                done = _handle_event("\n".join(data_lines), provider, on_delta, reply, started)
+                done = _handle_event("\n".join(data_lines), provider, on_delta, reply)
             break
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if line.startswith(":"):
@@ -342,7 +337,7 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply, sta
         if not line:
             if data_lines:
                 payload, data_lines = "\n".join(data_lines), []
-                done = _handle_event(payload, provider, on_delta, reply, started)
+                done = _handle_event(payload, provider, on_delta, reply)
             continue
         name, _, value = line.partition(":")
         if name == "data":
@@ -359,7 +354,7 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply, sta
     )
 
 
-def _handle_event(payload: str, provider, on_delta, reply: Reply, started: float) -> bool:
+def _handle_event(payload: str, provider, on_delta, reply: Reply) -> bool:
     """One SSE data payload; True at `[DONE]`."""
     if payload.strip() == "[DONE]":
         return True
@@ -383,8 +378,6 @@ def _handle_event(payload: str, provider, on_delta, reply: Reply, started: float
         delta = choice.get("delta") or {}
         content = delta.get("content") if isinstance(delta, dict) else None
         if content:
-            if reply.ttft_s is None:
-                reply.ttft_s = time.perf_counter() - started
             reply.text += content
             on_delta(content)
         if choice.get("finish_reason"):

@@ -1,42 +1,27 @@
-"""Short human-readable figures shared by every renderer (terminal, widgets, static, reprs)."""
+"""One-line summaries of a call and of a run, shared by every renderer (terminal, widgets, static)."""
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING
 
-from ..core.result import CallRecord, MoaResult
+from ..accounting.totals import Totals
+from ..core.result import Status
+from ..figures import approx_mark, run_title, seconds, usd
 
-
-def run_title(preset: str | None) -> str:
-    """'preset together-moa', or 'custom run' when the models were named by flags."""
-    return f"preset {preset}" if preset else "custom run"
-
-
-def seconds(value: float | None) -> str:
-    return "–" if value is None else f"{value:.2f}s"
-
-
-def usd(value: float | None) -> str:
-    """USD with 4 significant digits, so a small cost or bound never rounds across a limit."""
-    if value is None:
-        return "price unknown"
-    if value == 0:
-        return "$0"
-    decimals = max(2, 3 - math.floor(math.log10(abs(value))))
-    whole, _, frac = f"{value:.{decimals}f}".partition(".")
-    return f"${whole}.{frac.rstrip('0').ljust(2, '0')}"
+if TYPE_CHECKING:
+    from ..core.result import CallRecord, MoaResult
 
 
 def tokens(record: CallRecord) -> str:
     """'in 120 / out 45 tok'; '≈' marks counts from an approximate tokenizer; both shown if they differ."""
-    approx = "≈" if record.tokens_approx and record.usage is None else ""
-    text = f"in {approx}{record.input_tokens or 0} / out {approx}{record.output_tokens} tok"
+    mark = approx_mark(record.counts_approximate)
+    text = f"in {mark}{record.input_tokens or 0} / out {mark}{record.output_tokens} tok"
     reported = record.usage or {}
     counted_in, counted_out = record.prompt_tokens, record.completion_tokens
     if reported and (reported.get("prompt_tokens"), reported.get("completion_tokens")) != (
         counted_in, counted_out
     ):
-        text += f" (counted {'≈' if record.tokens_approx else ''}{counted_in or 0}/{counted_out})"
+        text += f" (counted {approx_mark(record.tokens_approx)}{counted_in or 0}/{counted_out})"
     return text
 
 
@@ -48,9 +33,9 @@ def call_summary(record: CallRecord) -> str:
         parts.append(seconds(record.latency_s))
     if record.ttft_s is not None:
         parts.append(f"ttft {seconds(record.ttft_s)}")
-    if record.status != "waiting":
+    if record.status != Status.WAITING:
         parts.append(tokens(record))
-    if record.status in ("done", "failed"):
+    if record.status in (Status.DONE, Status.FAILED):
         parts.append(usd(record.cost_usd))
     if record.attempts > 1:
         parts.append(f"{record.attempts} attempts")
@@ -60,11 +45,19 @@ def call_summary(record: CallRecord) -> str:
 
 
 def totals_line(result: MoaResult) -> str:
-    t = result.totals()
-    approx = "≈" if t["tokens_approx"] else ""
-    cost = usd(t["cost_usd"]) if t["cost_complete"] else f"≥{usd(t['cost_usd'])} (some prices unknown)"
+    """'total: 5 calls (5 ok, 0 failed) · in 120 / out 45 tok · $0.0012 · 4.20s'."""
+    return f"total: {Totals.of(result.calls()).text()} · {seconds(result.elapsed_s)}"
+
+
+def header_prefix(result: MoaResult, elapsed_s: float | None = None, status: str | None = None) -> str:
+    """'MoA · preset fake · 2 layers: … · done · 1.20s': the header before the totals."""
+    elapsed = result.elapsed_s if elapsed_s is None else elapsed_s
     return (
-        f"total: {t['calls']} calls ({t['ok']} ok, {t['failed']} failed) · "
-        f"in {approx}{t['input_tokens']} / out {approx}{t['output_tokens']} tok · {cost} · "
-        f"{seconds(result.elapsed_s)}"
+        f"MoA · {run_title(result.preset)} · {result.shape} · {status or result.status} · "
+        f"{seconds(elapsed)}"
     )
+
+
+def header_text(result: MoaResult, elapsed_s: float | None = None, status: str | None = None) -> str:
+    """'MoA · preset fake · 2 layers: … · done · 1.20s · 4 calls … · $0' (plain text)."""
+    return f"{header_prefix(result, elapsed_s, status)} · {Totals.of(result.calls()).text()}"

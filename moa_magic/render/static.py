@@ -2,7 +2,7 @@
 
 Widgets vanish from a notebook reopened without widget state (and never show on GitHub), so the
 magic displays a `StaticRun` as a separate output after the live tree, and `MoaResult`'s own reprs
-(`_moa`, `Out[n]`) come from here too.
+(`_moa`, `Out[n]`) come from here too: importing this module plugs them in (`set_renditions`).
 
 Model text (and error text from servers) is untrusted:
 - HTML: model text goes through `sanitize.render`, every other string through `html.escape`;
@@ -20,16 +20,17 @@ import html
 import re
 from typing import TYPE_CHECKING
 
-from .format import call_summary, run_title, seconds, totals_line
+from ..accounting.totals import Totals
+from ..core.result import Status, set_renditions
+from .format import call_summary, header_prefix, header_text, totals_line
 from .terminal import terminal_safe
 
 if TYPE_CHECKING:
-    from ..config import Config, Preset
     from ..core.result import CallRecord, MoaResult
 
 STATUS_MARK = {
-    "waiting": "…", "streaming": "…", "done": "✓", "failed": "✗", "cancelled": "■", "skipped": "–",
-    "running": "…",
+    Status.WAITING: "…", Status.STREAMING: "…", Status.DONE: "✓", Status.FAILED: "✗",
+    Status.CANCELLED: "■", Status.SKIPPED: "–", Status.RUNNING: "…",
 }
 
 # -------------------------------------------------------------------------------------------------
@@ -71,23 +72,6 @@ def md_inline(text: str) -> str:
 # One-line summaries
 
 
-def header_text(result: MoaResult, elapsed_s: float | None = None, status: str | None = None) -> str:
-    """'MoA · preset fake · 2 layers: … · done · 1.20s · 4 calls … · $0' (plain text)."""
-    status = status or result.status
-    elapsed = result.elapsed_s if elapsed_s is None else elapsed_s
-    t = result.totals()
-    approx = "≈" if t["tokens_approx"] else ""
-    cost_known = t["cost_complete"]
-    from .format import usd
-
-    cost = usd(t["cost_usd"]) if cost_known else f"≥{usd(t['cost_usd'])}"
-    return (
-        f"MoA · {run_title(result.preset)} · {result.shape} · {status} · {seconds(elapsed)} · "
-        f"{t['calls']} calls ({t['ok']} ok, {t['failed']} failed) · "
-        f"in {approx}{t['input_tokens']} / out {approx}{t['output_tokens']} tok · {cost}"
-    )
-
-
 def layer_title(number: int, records: list[CallRecord]) -> str:
     counts: dict[str, int] = {}
     for r in records:
@@ -125,9 +109,9 @@ def call_body_html(record: CallRecord) -> str:
         parts.append(f'<div class="moa-error" style="color:#b00020">✗ {esc(record.error)}</div>')
     if record.text:
         parts.append(render(record.text))
-    elif record.status in ("waiting", "streaming"):
+    elif record.status in Status.PENDING:
         parts.append(f"<i>{esc(record.status)}…</i>")
-    elif record.status in ("cancelled", "skipped"):
+    elif record.status in (Status.CANCELLED, Status.SKIPPED):
         parts.append(f"<i>{esc(record.status)}</i>")
     return "".join(parts)
 
@@ -136,11 +120,11 @@ def final_body_html(result: MoaResult) -> str:
     agg = result.aggregator
     if agg.text or agg.error:
         body = call_body_html(agg)
-    elif result.status in ("failed", "cancelled"):
+    elif result.status in (Status.FAILED, Status.CANCELLED):
         body = ""
     else:
         body = call_body_html(agg)
-    if result.status in ("failed", "cancelled") and result.error and not agg.error:
+    if result.status in (Status.FAILED, Status.CANCELLED) and result.error and not agg.error:
         body = f'<div class="moa-error" style="color:#b00020">✗ {esc(result.status)}: {esc(result.error)}</div>' + body
     return body
 
@@ -182,7 +166,8 @@ def result_markdown(result: MoaResult) -> str:
 def result_html(result: MoaResult) -> str:
     parts = [
         '<div class="moa-static">',
-        f'<div class="moa-static-header" style="font-weight:bold">{esc(header_text(result))}</div>',
+        f'<div class="moa-static-header" style="font-weight:bold">{esc(header_prefix(result))} · '
+        f"{Totals.of(result.calls()).html()}</div>",
     ]
     for number, records in enumerate(result.layers, start=1):
         parts.append(
@@ -225,67 +210,4 @@ class StaticRun:
         return result_text(self.result)
 
 
-class Rich:
-    """Any text + HTML pair as a display object (for `%moa list`, `%moa show`)."""
-
-    def __init__(self, text: str, html_text: str):
-        self.text = text
-        self.html = html_text
-
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        return {"text/plain": self.text, "text/html": self.html}
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-# -------------------------------------------------------------------------------------------------
-# `%moa show PRESET`
-
-
-def _entry(entry) -> str:
-    extra = [f"{k} {getattr(entry, k)}" for k in ("temperature", "max_tokens", "seed")
-             if getattr(entry, k) is not None]
-    if entry.system is not None:
-        extra.append("own system prompt")
-    return entry.spec + (f" ({', '.join(extra)})" if extra else "")
-
-
-def preset_rows(preset: Preset, overrides: dict | None = None) -> list[tuple[str, str]]:
-    from ..core.method import AGGREGATE_PROMPT
-
-    rows = [("description", preset.description or "–"), ("defined in", preset.source)]
-    for number, layer in enumerate(preset.layers, start=1):
-        rows.append((f"layer {number}", ", ".join(_entry(e) for e in layer)))
-    rows.append(("aggregator", _entry(preset.aggregator)))
-    rows.append(("temperature", f"{preset.temperature:g}"))
-    rows.append(("max_tokens", str(preset.max_tokens)))
-    rows.append(("system prompt", preset.system or "–"))
-    rows.append((
-        "aggregator prompt",
-        preset.aggregator_prompt or f"(the MoA paper's default)\n{AGGREGATE_PROMPT}",
-    ))
-    for key, value in (overrides or {}).items():
-        rows.append((f"this notebook: {key}", f"{value} (MoaMagics.{key}; a flag on the cell wins)"))
-    return rows
-
-
-def preset_view(name: str, preset: Preset, overrides: dict | None = None) -> Rich:
-    rows = preset_rows(preset, overrides)
-    text_lines = [f"Preset {name}:"]
-    for key, value in rows:
-        first, *rest = value.split("\n")
-        text_lines.append(f"  {key:<18} {first}")
-        text_lines += [f"  {'':<18} {line}" for line in rest]
-    body = "".join(
-        f"<tr><th style='text-align:left;vertical-align:top'>{esc(k)}</th>"
-        f"<td style='text-align:left;white-space:pre-wrap'>{esc(v)}</td></tr>"
-        for k, v in rows
-    )
-    return Rich("\n".join(text_lines), f"<b>Preset <code>{esc(name)}</code></b><table>{body}</table>")
-
-
-def catalog_view(config: Config) -> Rich:
-    from ..catalog import catalog_html, catalog_text
-
-    return Rich(catalog_text(config), catalog_html(config))
+set_renditions(text=result_text, markdown=result_markdown, html=result_html)

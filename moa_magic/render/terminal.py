@@ -13,7 +13,8 @@ from ..core.events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished,
     RunStarted, TextDelta,
 )
-from .format import call_summary, run_title, totals_line
+from ..figures import run_title
+from .format import call_summary, totals_line
 
 # CSI/OSC/other ESC sequences, then every C0/C1 control except tab and newline.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")

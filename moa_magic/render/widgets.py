@@ -35,8 +35,10 @@ from ..core.events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, RunFinished,
     RunStarted, TextDelta,
 )
-from .static import call_body_html, esc, final_body_html, header_text, layer_title, node_title
-from .format import run_title
+from ..core.result import Status
+from ..figures import run_title
+from .format import header_text
+from .static import call_body_html, esc, final_body_html, layer_title, node_title
 
 if TYPE_CHECKING:
     from ..core.plan import Plan
@@ -183,6 +185,11 @@ class TreeRenderer:
     def final_widget(self):
         return self.final.text
 
+    @property
+    def ticker(self) -> threading.Thread | None:
+        """The thread that pushes coalesced updates while the run goes on (None before it starts)."""
+        return self._flusher
+
     # --- listener ---------------------------------------------------------------------------------
 
     def __call__(self, event: Event) -> None:
@@ -268,7 +275,7 @@ class TreeRenderer:
         record = node.record
         if node is self.final and self._result is not None:
             body = final_body_html(self._result)
-        elif record.status == "streaming" and record.text and not self._closed:
+        elif record.status == Status.STREAMING and record.text and not self._closed:
             # proposers stream as plain text (cheap), and turn into rendered Markdown when done
             body = f'<div class="moa-streaming" style="white-space:pre-wrap">{esc(record.text)}</div>'
         else:
@@ -287,12 +294,12 @@ class TreeRenderer:
     def _push_header(self, now: float) -> None:
         if self._result is None:
             return
-        running = self._result.status == "running" and not self._closed
+        running = self._result.status == Status.RUNNING and not self._closed
         elapsed = None
         if self._t0 is not None and (running or not self._result.elapsed_s):
             elapsed = now - self._t0
         status = self._status_override or self._result.status
-        color = {"done": "#1b7f3b", "failed": "#b00020", "cancelled": "#b26a00"}.get(status, "inherit")
+        color = {Status.DONE: "#1b7f3b", Status.FAILED: "#b00020", Status.CANCELLED: "#b26a00"}.get(status, "inherit")
         text = header_text(self._result, elapsed, status)
         head, sep, tail = text.partition(f" · {status} · ")
         if sep:
@@ -344,9 +351,9 @@ class TreeRenderer:
             self._push_layers()
             self._push_header(now)
             # a layer where the run stopped stays open; the final answer stays open
-            if self._result.status == "cancelled":
+            if self._result.status == Status.CANCELLED:
                 for i, records in enumerate(self._result.layers):
-                    if any(r.status == "cancelled" for r in records) and not self._layer_open[i]:
+                    if any(r.status == Status.CANCELLED for r in records) and not self._layer_open[i]:
                         self.layer_sections[i].selected_index = 0
                         self._layer_open[i] = True
 

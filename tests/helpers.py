@@ -1,0 +1,81 @@
+"""Plumbing shared by the test modules: the fake providers' moa.toml blocks, hostile model text and
+its checks, the kernel to run notebooks in, a widget's CSS classes.
+
+A plain module, not a conftest (tests/browser has a conftest of its own, and two conftests clash on
+import); `tests/conftest.py` puts this directory on `sys.path`. In the TOML blocks `{url}` is the
+ChatServer's base URL (filled in by the `write_moa_toml` fixture).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+FAKE_PROVIDER = """\
+[providers.fake]
+base_url = "{url}"
+"""
+
+# a provider whose key is read from MOA_TEST_KEY (unset unless a test sets it)
+FAKEKEY_PROVIDER = """\
+[providers.fakekey]
+base_url = "{url}"
+api_key_env = "MOA_TEST_KEY"
+"""
+
+FAKE_PRESET = """\
+[presets.fake]
+layers = [["fake:a", "fake:b", "fake:c"]]
+aggregator = "fake:agg"
+"""
+
+NO_RETRIES = """\
+[settings]
+retries = 0
+backoff_base = 0
+"""
+
+# The moa.toml of the `moa_config` fixture: providers `fake` and `fakekey` pointing at a
+# ChatServer, and preset `fake` (3 proposers + aggregator).
+MOA_TOML = "\n".join([FAKE_PROVIDER, FAKEKEY_PROVIDER, FAKE_PRESET])
+
+HOSTILE = (
+    "Hello <script>alert(1)</script>\n\n"
+    "<img src=x onerror=alert(1)>\n\n"
+    "[x](javascript:alert(1)) [y](JaVa&#115;cript:alert(2)) [z](data:text/html,<b>hi</b>)\n\n"
+    "![p](data:image/png;base64,AAAA) [v](vbscript:msgbox) <javascript:alert(3)>\n\n"
+    "[ref]: javascript:alert(4)\n\n[ref]\n\n"
+    "\x1b[31mred\x1b[0m and a [good link](https://example.com/a?b=1)"
+)
+
+
+def assert_inert_html(text: str) -> None:
+    lower = text.lower()
+    assert "<script" not in lower
+    assert not re.search(r"<[^>]*\bonerror\s*=", lower), text
+    assert not re.search(r"<[^>]*\bon[a-z]+\s*=", lower), text
+    assert not re.search(r"""(href|src)\s*=\s*["']?\s*(javascript|vbscript|data):""", lower), text
+    assert "<img" not in lower  # the only image in HOSTILE has a data: URL
+
+
+def assert_inert_markdown(text: str) -> None:
+    assert "<" not in text.replace("&lt;", "")  # no raw HTML can form
+    assert not re.search(r"\]\(\s*<?\s*(javascript|vbscript|data)", text, re.I), text
+    assert not re.search(r"^\s{0,3}\[[^\]]*\]:\s*javascript", text, re.I | re.M), text
+
+
+def venv_kernel() -> str:
+    """The `python3` kernelspec must run this interpreter (the venv's, where moa_magic is installed)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert spec.argv[0] == sys.executable or spec.argv[0].startswith(sys.prefix), (
+        f"kernel python3 runs {spec.argv[0]}, not this venv's python; "
+        f"run `python -m ipykernel install --sys-prefix`"
+    )
+    return "python3"
+
+
+def dom_classes(widget) -> set[str]:
+    """A widget's CSS classes (ipywidgets keeps them in the `_dom_classes` trait, no public getter)."""
+    return set(widget._dom_classes)
