@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from moa_magic.providers import local
+from moa_magic.providers import llama_build, local
 from moa_magic.errors import MoaUserError
 
 pytestmark = pytest.mark.local
@@ -315,10 +315,10 @@ def test_install_commands_build_llama_cpp_portably():
     commands = [line for line in first_screen.splitlines() if "pip install" in line]
     assert len(commands) == 2
     for command in commands:
-        assert f'CMAKE_ARGS="{local.PORTABLE_CMAKE_ARGS}"' in command
+        assert f'CMAKE_ARGS="{llama_build.PORTABLE_CMAKE_ARGS}"' in command
         assert 'PIP_CACHE_DIR="$HOME/.cache/moa-magic/pip"' in command
-    assert f'CMAKE_ARGS="{local.PORTABLE_CMAKE_ARGS}"' in ci
+    assert f'CMAKE_ARGS="{llama_build.PORTABLE_CMAKE_ARGS}"' in ci
     assert 'PIP_CACHE_DIR="$HOME/.cache/moa-magic/pip"' in ci
-    assert f'"{local.LLAMA_REQUIREMENT}"' in pyproject
-    fix = local.rebuild_command()
-    assert local.LLAMA_REQUIREMENT in fix and "--no-cache-dir" in fix and sys.executable in fix
+    assert f'"{llama_build.LLAMA_REQUIREMENT}"' in pyproject
+    fix = llama_build.rebuild_command()
+    assert llama_build.LLAMA_REQUIREMENT in fix and "--no-cache-dir" in fix and sys.executable in fix

@@ -15,7 +15,7 @@ import pytest
 import moa_magic
 from moa_magic.core.plan import local_extra_installed
 from moa_magic.errors import RunFailed
-from moa_magic.providers import local
+from moa_magic.providers import llama_build, local
 
 pytestmark = pytest.mark.skipif(
     not local_extra_installed(), reason='the local preset needs pip install "moa-magic[local]"'
@@ -55,7 +55,7 @@ def test_a_server_that_crashes_on_its_first_request_fails_the_run_in_one_line(fa
     assert "\n" not in error
     assert "the local model server crashed (SIGSEGV) on its first request" in error
     assert str(local.log_path()) in error
-    assert local.PORTABLE_CMAKE_ARGS in error and "--no-cache-dir" in error  # the fix command
+    assert llama_build.PORTABLE_CMAKE_ARGS in error and "--no-cache-dir" in error  # the fix command
     assert "is the server running" not in error and "Connection refused" not in error
     assert [(r["n"], r["stream"]) for r in received()] == [(1, False)]  # the self-check only
     assert {r.status for r in result.calls()} == {"skipped"}

@@ -67,5 +67,5 @@ def test_a_call_cut_by_max_tokens_is_marked_truncated(no_user_config):
     result = moa_magic.run("Explain photosynthesis.", max_tokens=4)
     for record in result.calls():
         assert record.finish_reason == "length" and record.truncated
-        assert "truncated at max_tokens=4" in call_summary(record)
+        assert "truncated at the 4-token limit" in call_summary(record)
         assert record.to_dict()["truncated"] is True

