@@ -2,7 +2,7 @@
 
     python bench/bench_local.py [--tokens 128] [--concurrency 3]
 
-Prints: server start-up time; time to first token and tokens/second of one streamed completion;
+Prints: server start-up time (including its multi-token self-check); time to first token and tokens/second of one streamed completion;
 wall time of N concurrent streamed completions (llama_cpp.server runs one at a time, so expect
 about N times the single figure); wall time and tokens/s of the whole `local` MoA preset. Tokens are counted as streamed content chunks (the server sends
 one per token and reports no usage in streams). EOS is suppressed with logit_bias so every
@@ -115,7 +115,8 @@ def moa_preset() -> None:
     out = sum(r.output_tokens for r in result.calls())
     print(f"local preset MoA ({result.shape}): wall {wall:.2f} s, {out} output tokens, "
           f"{out / wall:.1f} tok/s over the run; layers "
-          + ", ".join(f"{s:.2f}s" for s in result.layer_seconds))
+          + ", ".join(f"{s:.2f}s" for s in result.layer_seconds)
+          + "; finish_reason per call: " + ", ".join(str(r.finish_reason) for r in result.calls()))
 
 
 if __name__ == "__main__":
