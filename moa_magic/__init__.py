@@ -10,7 +10,7 @@ _LAZY = {
     "arun": "core.runner",
     "last_result": "core.runner",
     "load_config": "config",
-    "load": "core.saved",
+    "load": "core.load",
     "replay": "core.replay",
     "MoaResult": "core.result",
     "CallRecord": "core.result",

@@ -22,7 +22,8 @@ from .events import (
     RunFinished, RunStarted, TextDelta, emit,
 )
 from .result import CallRecord, MoaResult
-from .saved import Timeline, load
+from .load import load
+from .saved import Timeline
 
 FINAL_FIELDS = ("status", "text", "error", "usage", "prompt_tokens", "completion_tokens", "cost_usd",
                 "price_source", "latency_s", "ttft_s", "attempts", "retries", "cached",

@@ -113,7 +113,7 @@ class CacheInfo:
     models: tuple[tuple[str, int], ...]
 
     def text(self) -> str:
-        from ..render.format import usd
+        from ..figures import usd
 
         mb = 1024 * 1024
         lines = [
