@@ -10,6 +10,8 @@ _LAZY = {
     "arun": "core.runner",
     "last_result": "core.runner",
     "load_config": "config",
+    "load": "core.load",
+    "replay": "core.replay",
     "MoaResult": "core.result",
     "CallRecord": "core.result",
     "MoaError": "errors",

@@ -7,17 +7,21 @@ import json
 import sys
 
 from .version import __version__
-from .options import RUN_OPTIONS, run_options
+from .commands import SUBCOMMANDS
+from .options import RUN_OPTIONS, SAVE_OPTION, run_options
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moa",
         description="Run a prompt through a layered Mixture-of-Agents and print the final answer.",
+        epilog="Also: `moa cache info|clear` (the request cache), `moa replay PATH [--speed X]` "
+               "(redraw a run saved with --save).",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt, or - to read it from standard input")
     for flags, kwargs in RUN_OPTIONS:
         parser.add_argument(*flags, **kwargs)
+    parser.add_argument(*SAVE_OPTION[0], **SAVE_OPTION[1])
     parser.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--list", action="store_true", help="list presets and providers, then exit")
@@ -26,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(f"{__package__}.commands.{argv[0]}").main(argv[1:])
     from .errors import MoaUserError, RunFailed
     from .core.runner import run
 
@@ -37,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
             print(catalog_text(load_config(args.config)))
             return 0
+        if args.save is not None:
+            from .core.saved import check_save_path
+
+            check_save_path(args.save)
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if prompt is None:
             raise MoaUserError("No prompt given: `moa \"your question\"`, or `moa -` to read stdin.")
@@ -62,11 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as exc:
         if args.json and exc.result is not None:
             print(json.dumps(exc.result.to_dict(), indent=2, ensure_ascii=False))
+        _save(args.save, exc.result)
         print(f"moa: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        from .core.runner import last_result
+
+        _save(args.save, last_result())
         print("moa: interrupted", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-    return 0
+    return 2 if _save(args.save, result) is False else 0
+
+
+def _save(path: str | None, result) -> bool | None:
+    """--save: write the run, also a partial one; False (and a message) when it cannot be written."""
+    if path is None or result is None:
+        return None
+    from .errors import MoaUserError
+
+    try:
+        result.save(path)
+    except MoaUserError as exc:
+        print(f"moa: {exc}", file=sys.stderr)
+        return False
+    return True

@@ -99,6 +99,11 @@ class RunSettings:
     max_concurrency: int = 16
     backoff_base: float = 0.5
     backoff_max: float = 20.0
+    # The request cache (providers/cache.py); `cache` is "auto", "on" or "off" (see README, "Cache").
+    cache: str = "auto"
+    cache_path: str = ""  # empty: requests.sqlite3 in the user cache dir
+    cache_max_mb: float = 256.0
+    cache_replay_s: float = 0.3  # how long a cached answer takes to stream into a watched run
 
 
 @dataclass(frozen=True)
@@ -330,12 +335,38 @@ def _price(spec: str, table: dict, where: str) -> dict[str, float]:
     return {"input": float(table["input"]), "output": float(table["output"])}
 
 
+def cache_mode(value, where: str) -> str:
+    """`cache` as the API, the flags and the config give it (True, False, None, "auto"...) -> a mode."""
+    modes = {True: "on", False: "off", None: "auto", "on": "on", "off": "off", "auto": "auto"}
+    if isinstance(value, (bool, str, type(None))) and value in modes:
+        return modes[value]
+    raise ConfigError(
+        f"{where}: cache must be true (serve every call from the cache when it can), false (never "
+        f"read or write the cache) or \"auto\" (only calls at temperature 0 or with a seed), "
+        f"got {value!r}."
+    )
+
+
 def _settings(current: RunSettings, table: dict, where: str) -> RunSettings:
     allowed = {name: type(getattr(current, name)) for name in current.__dataclass_fields__}
     _check_keys(table, allowed, where, "settings")
     fields = {}
     for key, value in table.items():
         kind = allowed[key]
+        if key == "cache":
+            fields[key] = cache_mode(value, f"{where}: [settings]")
+            continue
+        if key == "cache_path":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{where}: [settings] cache_path must be a file path in quotes.")
+            path = Path(value).expanduser()
+            if not path.is_absolute() and where != BUILTIN:  # relative to the file that says it
+                path = Path(where).parent / path
+            fields[key] = str(path)
+            continue
+        if key == "cache_max_mb" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value <= 0):
+            raise ConfigError(f"{where}: [settings] cache_max_mb must be a number of megabytes > 0.")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"{where}: [settings] {key} must be a number >= 0.")
         if kind is int and not isinstance(value, int):

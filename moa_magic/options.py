@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--preset",), dict(help="preset name (see `moa --list` / `%%moa list`)")),
     (("--config",), dict(metavar="FILE", help="config file (default: $MOA_MAGIC_CONFIG, ./moa.toml, user config dir)")),
@@ -17,13 +19,17 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--max-cost",), dict(type=float, metavar="USD",
                            help="do not start a run whose upper-bound cost exceeds USD "
                                 "(or whose cost is unknown); see --dry-run")),
+    (("--cache",), dict(action=argparse.BooleanOptionalAction, default=None,
+                        help="--cache: answer every call from the request cache when it holds the "
+                             "reply; --no-cache: never read or write it. Default: only calls at "
+                             "temperature 0 or with a seed ([settings] cache)")),
     (("--dry-run",), dict(action="store_true",
                           help="send nothing: show layer 1's exact input tokens and the token and "
                                "cost bounds per layer, then stop")),
 ]
 
 RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
-            "system", "aggregator_prompt", "min_ok", "max_cost")
+            "system", "aggregator_prompt", "min_ok", "max_cost", "cache")
 # --dry-run is not a run() option: the CLI and the magic read it themselves.
 
 
@@ -34,3 +40,7 @@ def run_options(namespace, **defaults) -> dict:
         if chosen.get(key) is None:
             chosen[key] = value
     return {key: value for key, value in chosen.items() if value is not None}
+
+SAVE_OPTION = (("--save",), dict(metavar="PATH",
+                                 help="also write the run (with its timings) to PATH as JSON, for "
+                                      "moa_magic.load() and `moa replay` / `%%moa replay`"))

@@ -26,6 +26,13 @@ def _no_real_keys(monkeypatch):
     monkeypatch.delenv("MOA_TEST_KEY", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty request cache of its own (also its subprocesses and kernels), never
+    the user's: platformdirs puts the cache under $XDG_CACHE_HOME."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
 @pytest.fixture
 def chat_server():
     """A fresh fake OpenAI-compatible server for one test (stopped afterwards)."""

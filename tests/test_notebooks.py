@@ -48,6 +48,27 @@ def test_notebook_runs(path, notebook_config, chat_server, tmp_path):
                 assert output.name != "stderr" or not output.text.strip(), output.text
     if path.name == "quickstart.ipynb":
         check_quickstart(nb, chat_server)
+    if path.name == "replay.ipynb":
+        check_replay(nb, chat_server)
+
+
+def check_replay(nb, chat_server):
+    cells = {c.source.splitlines()[0]: c for c in nb.cells if c.cell_type == "code" and c.source}
+
+    def html(first_line: str) -> str:
+        outputs = cells[first_line].outputs
+        return [o for o in outputs if "text/html" in o.get("data", {})][-1]["data"]["text/html"]
+
+    bundled = cells["%moa replay demo-run.json --speed 8"].outputs
+    assert "application/vnd.jupyter.widget-view+json" in bundled[0]["data"]
+    assert "replay at ×8 of a run from" in html("%moa replay demo-run.json --speed 8")
+    assert "preset local" in html("%moa replay demo-run.json --speed 8")
+    printed = "".join(o.get("text", "") for o in cells["for call in _moa.layers[0]:"].outputs)
+    assert printed.count("local:smollm2") == 3
+    cached = "".join(o.get("text", "") for o in cells["print([call.cached for call in _moa.calls()], _moa.totals()[\"cost_usd\"])"].outputs)
+    assert cached.strip() == "[True, True, True, True] 0.0"
+    assert "replay at ×2 of a run from" in html("%moa replay my-run.json --speed 2")
+    assert len(chat_server.chat_requests) == 4  # the first %%moa only: the rerun and replays sent nothing
 
 
 def check_quickstart(nb, chat_server):

@@ -2,7 +2,8 @@
 
 What counts as a call is `CallRecord.sent` (its request went out); what makes a token figure
 approximate is `CallRecord.counts_approximate`. A call without a known price adds no cost and makes
-the sum incomplete: shown as '≥$x (price unknown)', never a silent $0.
+the sum incomplete: shown as '≥$x (price unknown)', never a silent $0. A call served from the
+request cache adds $0 and counts in `cached`, with what it first cost in `saved_usd`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Totals:
     tokens_approx: bool = False
     cost_usd: float = 0.0
     cost_complete: bool = True
+    cached: int = 0
+    saved_usd: float = 0.0
     elapsed_s: float | None = None
 
     @classmethod
@@ -43,6 +46,8 @@ class Totals:
             tokens_approx=any(r.counts_approximate for r in sent),
             cost_usd=sum(c for c in costs if c is not None),
             cost_complete=all(c is not None for c in costs),
+            cached=sum(r.cached for r in sent),
+            saved_usd=sum(r.original_cost_usd or 0.0 for r in sent if r.cached),
             elapsed_s=elapsed_s,
         )
 
@@ -55,6 +60,7 @@ class Totals:
             tokens_approx=self.tokens_approx or other.tokens_approx,
             cost_usd=self.cost_usd + other.cost_usd,
             cost_complete=self.cost_complete and other.cost_complete,
+            cached=self.cached + other.cached, saved_usd=self.saved_usd + other.saved_usd,
         )
 
     def to_dict(self) -> dict:
@@ -62,7 +68,8 @@ class Totals:
             "calls": self.calls, "ok": self.ok, "failed": self.failed,
             "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
             "tokens_approx": self.tokens_approx, "cost_usd": self.cost_usd,
-            "cost_complete": self.cost_complete, "elapsed_s": self.elapsed_s,
+            "cost_complete": self.cost_complete, "cached": self.cached,
+            "saved_usd": self.saved_usd, "elapsed_s": self.elapsed_s,
         }
 
     @property
@@ -72,7 +79,10 @@ class Totals:
 
     @property
     def cost_text(self) -> str:
-        return figures.cost(self.cost_usd, self.cost_complete)
+        text = figures.cost(self.cost_usd, self.cost_complete)
+        if self.cached:
+            text += f" ({self.cached} cached, first paid {figures.usd(self.saved_usd)})"
+        return text
 
     def text(self) -> str:
         """'5 calls (5 ok, 0 failed) · in 120 / out 45 tok · $0.0012' (plain text, one line)."""

@@ -7,8 +7,9 @@ The engine bills a call cut short (by a failure or a cancel) for what it streame
 output. The ledger is process-wide and thread-safe; `session_summary()` returns a frozen snapshot,
 `reset_session()` starts again from zero.
 
-A call whose price is unknown adds no cost and marks the total incomplete (`cost_complete=False`,
-`unknown_prices` names the models): never a silent $0.
+A call served from the request cache adds its tokens and $0, and counts as `cached` with what it
+first cost (`saved_usd`). A call whose price is unknown adds no cost and marks the total incomplete
+(`cost_complete=False`, `unknown_prices` names the models): never a silent $0.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class _Figures:
     def approximate(self) -> bool:
         return self.totals.tokens_approx
 
+    @property
+    def cached(self) -> int:
+        """Calls served from the request cache ($0 here)."""
+        return self.totals.cached
+
+    @property
+    def saved_usd(self) -> float:
+        """What the cached calls cost when they were made."""
+        return self.totals.saved_usd
+
 
 @dataclass(frozen=True)
 class ModelUsage(_Figures):
@@ -72,6 +83,7 @@ class ModelUsage(_Figures):
             "model": self.model, "calls": self.calls, "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens, "cost_usd": self.cost_usd,
             "cost_complete": self.cost_complete, "tokens_approx": self.approximate,
+            "cached": self.cached, "saved_usd": self.saved_usd,
         }
 
 
@@ -106,6 +118,7 @@ class SessionUsage(_Figures):
             "cost_usd": self.cost_usd, "cost_complete": self.cost_complete,
             "unknown_prices": list(self.unknown_prices), "tokens_approx": self.approximate,
             "models": [m.to_dict() for m in self.models], "since": self.since,
+            "cached": self.cached, "saved_usd": self.saved_usd,
         }
 
     # --- renditions ---------------------------------------------------------------------------

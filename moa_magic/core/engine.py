@@ -18,8 +18,9 @@ from ..accounting import prices, tokens
 from ..config import Provider
 from .events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
-    RunFinished, RunStarted, TextDelta,
+    RunFinished, RunStarted, TextDelta, emit,
 )
+from ..providers.cache import CachedReply, CallCache, origin, request_key
 from .plan import ModelCall, Plan
 from .result import CallRecord, MoaResult, failure_summary
 
@@ -53,8 +54,9 @@ class Engine:
     """Runs one plan. `user_prices` are the config file's `[prices]`, which win over bundled data."""
 
     def __init__(self, plan: Plan, prompt: str, listeners: Iterable[Listener] = (),
-                 user_prices: dict | None = None):
+                 user_prices: dict | None = None, cache: CallCache | None = None):
         self.plan = plan
+        self.cache = cache
         self.listeners = list(listeners)
         self.user_prices = user_prices or {}
         # Created up front and filled in place: whoever holds it sees a partial run after a failure.
@@ -62,11 +64,7 @@ class Engine:
         self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
 
     def emit(self, event: Event) -> None:
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:  # a broken renderer must not break the run
-                log.exception("moa-magic listener %r failed on %s", listener, type(event).__name__)
+        emit(self.listeners, event)
 
     async def run(self) -> MoaResult:
         plan, result = self.plan, self.result
@@ -184,10 +182,7 @@ class Engine:
                 self.emit(CallRetrying(record, attempt, reason, delay))
 
             try:
-                reply = await client.stream_chat(
-                    call.provider, urls[call.provider.name], body, self.plan.settings,
-                    on_delta, on_retry, self._health.get(call.provider.name),
-                )
+                reply = await self._request(call, urls[call.provider.name], body, on_delta, on_retry)
             except client.CallError as exc:
                 self._fail(call, record, str(exc), started)
                 return
@@ -204,6 +199,7 @@ class Engine:
             record.finish_reason = reply.finish_reason
             record.completion_tokens = tokens.count_text(call.model, record.text)
             self._price(call.provider, call.model, record)
+            await self._settle_cache(call, urls[call.provider.name], body, record, reply)
             record.status = "done"
             self.emit(CallFinished(record))
 
@@ -226,6 +222,40 @@ class Engine:
         price = prices.price_for(provider, model, self.user_prices)
         record.price_source = price.source
         record.cost_usd = price.cost(record.input_tokens or 0, record.output_tokens)
+
+    # --- the request cache (providers/cache.py) ---------------------------------------------------
+
+    def _cache_key(self, call: ModelCall, base_url: str, body: dict) -> tuple[str, str]:
+        provider = call.provider
+        endpoint = origin(base_url, provider.base_url if provider.embedded else None)
+        return request_key(endpoint, body), endpoint
+
+    async def _request(self, call: ModelCall, base_url: str, body: dict, on_delta, on_retry):
+        """The cached reply when the run's policy serves this call and the cache holds one."""
+        if self.cache is not None and self.cache.serves(body):
+            hit = await self.cache.serve(self._cache_key(call, base_url, body)[0], on_delta)
+            if hit is not None:
+                return hit
+        return await client.stream_chat(
+            call.provider, base_url, body, self.plan.settings, on_delta, on_retry,
+            self._health.get(call.provider.name),
+        )
+
+    async def _settle_cache(self, call: ModelCall, base_url: str, body: dict, record: CallRecord,
+                            reply) -> None:
+        """A served call costs $0 in this run, its first cost beside it; a fresh complete reply is kept."""
+        if isinstance(reply, CachedReply):
+            record.cached = True
+            record.original_cost_usd = reply.cost_usd
+            record.cost_usd = 0.0
+            record.price_source = f"cached; first paid per {reply.price_source}"
+        elif self.cache is not None:
+            key, endpoint = self._cache_key(call, base_url, body)
+            await self.cache.keep(key, call.spec, endpoint, {
+                "text": record.text, "usage": record.usage, "cost_usd": record.cost_usd,
+                "price_source": record.price_source, "finish_reason": record.finish_reason,
+                "latency_s": record.latency_s, "ttft_s": record.ttft_s,
+            })
 
 
 async def _embedded_health() -> str | None:

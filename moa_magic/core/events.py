@@ -6,6 +6,7 @@ Events carry the live `CallRecord` / `MoaResult` objects, so a renderer reads th
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -65,3 +66,14 @@ Event = Union[
     RunFinished,
 ]
 Listener = Callable[[Event], None]
+
+
+def emit(listeners: list[Listener], event: Event) -> None:
+    """Give `event` to every listener; a broken renderer must not break the run (or the replay)."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            logging.getLogger("moa_magic").exception(
+                "moa-magic listener %r failed on %s", listener, type(event).__name__
+            )

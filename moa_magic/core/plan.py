@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..config import Config, ModelEntry, Preset, Provider, RunSettings
+from ..config import Config, ModelEntry, Preset, Provider, RunSettings, cache_mode
 from ..errors import MissingKeyError, MoaUserError
 from ..limits import max_tokens_problem, temperature_problem
 from ..providers import local
@@ -136,10 +136,12 @@ def build_plan(
     system: str | None = None,
     aggregator_prompt: str | None = None,
     min_ok: int | None = None,
+    cache: bool | str | None = None,
     check_keys: bool = True,
 ) -> Plan:
     """Resolve options over a preset. Flags win over the preset's values.
 
+    `cache`: True, False or "auto" (None: the config's `[settings] cache`); see providers/cache.py.
     `layers` is the paper's L: L-1 proposer layers, then the aggregator. With `proposers` given,
     every proposer layer uses that list; otherwise the preset's layers are cut or their last layer
     repeated to reach L-1.
@@ -204,7 +206,11 @@ def build_plan(
         aggregator=resolve(aggregator_entry),
         template=aggregator_prompt or chosen.aggregator_prompt or AGGREGATE_PROMPT,
         system=run_system,
-        settings=config.settings if min_ok is None else replace(config.settings, min_ok=min_ok),
+        settings=replace(
+            config.settings,
+            min_ok=config.settings.min_ok if min_ok is None else min_ok,
+            cache=config.settings.cache if cache is None else cache_mode(cache, "cache="),
+        ),
     )
     if plan.layers and plan.settings.min_ok > min(len(layer) for layer in plan.layers):
         raise MoaUserError(

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .saved import Timeline
 
 from ..accounting.totals import Totals
 
@@ -34,7 +37,8 @@ class CallRecord:
 
     Token counts: `usage` is what the server reported (None if it sent none); `prompt_tokens` and
     `completion_tokens` are counted locally with tiktoken (`tokens_approx` when the model's own
-    tokenizer is not known). Cost uses reported usage when it exists.
+    tokenizer is not known). Cost uses reported usage when it exists. A call served from the
+    request cache is `cached`: it costs $0 in this run, `original_cost_usd` is what it first cost.
     """
 
     layer: int
@@ -60,6 +64,8 @@ class CallRecord:
     retries: list[str] = field(default_factory=list)
     started_at: float | None = None
     finish_reason: str | None = None  # as the server sent it: "stop", "length", ...
+    cached: bool = False
+    original_cost_usd: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -121,6 +127,8 @@ class CallRecord:
             },
             "cost_usd": self.cost_usd,
             "price_source": self.price_source,
+            "cached": self.cached,
+            "original_cost_usd": self.original_cost_usd,
             "latency_s": self.latency_s,
             "ttft_s": self.ttft_s,
             "attempts": self.attempts,
@@ -158,6 +166,9 @@ class MoaResult:
     started: float = field(default_factory=time.time)
     elapsed_s: float = 0.0
     layer_seconds: list[float] = field(default_factory=list)
+    replay_of: str | None = None  # set on a replay: what run it redraws, and when that ran
+    # when each call started and streamed, for save() and replay (core/saved.py)
+    timeline: Timeline | None = field(default=None, repr=False, compare=False)
 
     @property
     def final(self) -> str:
@@ -205,6 +216,12 @@ class MoaResult:
             "totals": self.totals(),
             "layer_totals": self.layer_totals(),
         }
+
+    def save(self, path) -> None:
+        """Write the run as JSON: the `--json` schema plus its timings, for `moa_magic.load` and replay."""
+        from .saved import save
+
+        save(self, path)
 
     def __str__(self) -> str:
         return self.final if self.ok else f"[{self.status}] {self.error or ''}".strip()

@@ -122,9 +122,14 @@ def estimate_run(prompt: str, *, max_cost: float | None = None, **options):
 def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = ()):
     """Start a run on the worker loop: (engine, future, finished). The engine's result fills live."""
     global _last_result
+    from ..providers.cache import CallCache
     from .engine import Engine
+    from .saved import Recorder
 
-    engine = Engine(plan, prompt, listeners, cfg.prices)
+    listeners = list(listeners)
+    # a cached answer streams in visibly only when someone watches (see providers/cache.py)
+    cache = CallCache.for_settings(plan.settings, watched=bool(listeners))
+    engine = Engine(plan, prompt, [Recorder(), *listeners], cfg.prices, cache=cache)
     _last_result = engine.result
     started, finished = threading.Event(), threading.Event()
 
@@ -187,7 +192,9 @@ def run(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaRes
 
     Options: preset, proposers, aggregator, layers (the paper's L), temperature, max_tokens, system,
     aggregator_prompt, min_ok, config (a Config or a path), max_cost (USD: refuse to start a run
-    whose upper-bound cost exceeds it or cannot be bounded). Raises RunFailed (with `.result`) when
+    whose upper-bound cost exceeds it or cannot be bounded), cache (True: serve every call from the
+    request cache when it can; False: never read or write it; None: the config's `[settings]
+    cache`, by default only calls at temperature 0 or with a seed). Raises RunFailed (with `.result`) when
     no final answer came; `last_result()` holds the partial run after an interrupt too.
     """
     plan, cfg = prepare(prompt, **options)

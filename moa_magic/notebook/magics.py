@@ -1,4 +1,4 @@
-"""`%%moa` (run the cell as a prompt) and `%moa` (list, show, last, usage, help, version).
+"""`%%moa` (run the cell as a prompt) and `%moa` (list, show, last, usage, cache, replay, help, version).
 
 Loading is light: this module imports IPython and traitlets only; the engine, aiohttp, ipywidgets
 and markdown-it load on the first run.
@@ -33,9 +33,9 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from ..errors import MoaUserError
 from ..limits import max_tokens_problem, temperature_problem
-from ..options import RUN_OPTIONS, run_options
+from ..options import RUN_OPTIONS, SAVE_OPTION, run_options
 
-SUBCOMMANDS = ("list", "show", "last", "usage", "help", "version")
+SUBCOMMANDS = ("list", "show", "last", "usage", "cache", "replay", "help", "version")
 
 # {{ name }} / {{ name.attr.attr }}; \{{...}} is a literal {{...}}.
 _PLACEHOLDER = re.compile(r"(\\?)\{\{\s*([^{}\n]*?)\s*\}\}")
@@ -159,6 +159,12 @@ class MoaMagics(Magics):
         "",
         help="Path of a moa.toml. Empty: $MOA_MAGIC_CONFIG, ./moa.toml, then the user config dir.",
     ).tag(config=True)
+    cache = Bool(
+        None, allow_none=True,
+        help="The request cache. True: answer every call from it when it holds the reply; False: "
+        "never read or write it; None: the config's [settings] cache, by default only calls at "
+        "temperature 0 or with a seed. --cache / --no-cache on a cell win.",
+    ).tag(config=True)
     show_tree = Bool(
         True,
         help="Show the live widget tree in Jupyter. False: plain-text progress, then the static "
@@ -218,6 +224,7 @@ class MoaMagics(Magics):
         "--out", metavar="NAME",
         help="also store the result in this variable (the last result is always in _moa)",
     )
+    @magic_arguments.argument(*SAVE_OPTION[0], **SAVE_OPTION[1])
     @cell_magic("moa")
     @_user_errors_as_usage_errors
     def moa_cell(self, line, cell):
@@ -231,7 +238,9 @@ class MoaMagics(Magics):
         it, and a static copy (Markdown/HTML) follows for saved notebooks. The result is in `_moa`
         (and in --out NAME): `_moa.final`, `_moa.layers`, `_moa.totals()`, `_moa.to_dict()`.
         Defaults: %config MoaMagics.preset / temperature / max_tokens / system / config_file /
-        show_tree; flags win. Other commands: %moa list | show PRESET | last | usage | help | version.
+        cache / show_tree; flags win. --save PATH writes the run for `%moa replay PATH`. Other
+        commands: %moa list | show PRESET | last | usage | cache info|clear | replay PATH | help |
+        version.
         """
         args = self._parse(line)
         if args is None:  # --help was printed
@@ -246,8 +255,12 @@ class MoaMagics(Magics):
         if args.dry_run:
             display(runner.estimate_run(prompt, **options))
             return None
+        if args.save is not None:
+            from ..core.saved import check_save_path
+
+            check_save_path(args.save)
         plan, cfg = runner.prepare(prompt, **options)
-        self._run(plan, cfg, prompt, args.out)
+        self._run(plan, cfg, prompt, args.out, args.save)
         return None
 
     def _parse(self, line: str):
@@ -273,6 +286,7 @@ class MoaMagics(Magics):
             "max_tokens": self.max_tokens,
             "system": self.system,
             "config": self.config_file or None,
+            "cache": self.cache,
         }
         return {k: v for k, v in chosen.items() if v is not None}
 
@@ -288,7 +302,26 @@ class MoaMagics(Magics):
             return "text"
         return "widgets"
 
-    def _run(self, plan, cfg, prompt: str, out: str | None) -> None:
+    def _run(self, plan, cfg, prompt: str, out: str | None, save: str | None = None) -> None:
+        from ..core import runner
+
+        def begin(listener):
+            engine, future, finished = runner.start(plan, cfg, prompt, [listener])
+            return engine.result, future, finished
+
+        result = self._show(lambda tree: tree.for_plan(plan), begin, out, save)
+        if not result.ok:
+            raise UsageError(
+                f"No final answer ({result.status}): {result.error or 'unknown error'}. "
+                f"The partial run is in _moa."
+            )
+
+    def _show(self, tree_for, begin, out: str | None = None, save: str | None = None):
+        """Draw a run (or a replay) while it goes on; `_moa` (and `out`) get its result at the end.
+
+        `tree_for(TreeRenderer)` builds the empty tree (widgets only); `begin(listener)` starts the
+        run on the worker loop and returns (result, future, finished).
+        """
         from ..core import runner
         from ..core.result import Status
         from ..render.static import StaticRun
@@ -300,7 +333,7 @@ class MoaMagics(Magics):
         if frontend == "widgets":
             from ..render.widgets import TreeRenderer
 
-            tree = TreeRenderer.for_plan(plan)
+            tree = tree_for(TreeRenderer)
             self.last_tree = tree
             display(tree.widget)
             listener = tree
@@ -309,8 +342,7 @@ class MoaMagics(Magics):
             # the answer comes as the static rendition (rendered Markdown).
             listener = TerminalRenderer(progress=pump, answer=pump if frontend == "terminal" else None)
 
-        engine, future, finished = runner.start(plan, cfg, prompt, [listener])
-        result = engine.result
+        result, future, finished = begin(listener)
         interrupted = False
         try:
             runner.wait(future, finished, tick=pump)
@@ -326,15 +358,16 @@ class MoaMagics(Magics):
             self.shell.user_ns["_moa"] = result
             if out:
                 self.shell.user_ns[out] = result
+            if save:
+                try:
+                    result.save(save)
+                except MoaUserError as exc:
+                    print(f"moa: {exc}", file=sys.stderr)
             if frontend != "terminal":
                 display(StaticRun(result))
             elif interrupted:
                 print("\n[cancelled] the partial result is in _moa", flush=True)
-        if not result.ok:
-            raise UsageError(
-                f"No final answer ({result.status}): {result.error or 'unknown error'}. "
-                f"The partial run is in _moa."
-            )
+        return result
 
     # --- %moa ------------------------------------------------------------------------------------
 
@@ -342,12 +375,14 @@ class MoaMagics(Magics):
     @line_magic("moa")
     @_user_errors_as_usage_errors
     def moa_line(self, line):
-        """%moa list | show [PRESET] | last | usage | help | version
+        """%moa list | show [PRESET] | last | usage | cache info|clear | replay PATH | help | version
 
         list      presets and providers, each provider with whether its API key env var is set
         show P    a preset's layers, models, parameters and aggregator prompt (default: the default)
         last      display the last run's result again (also a partial one)
         usage     tokens and cost of this session's runs
+        cache info|clear   the request cache: where it is and what it holds, or empty it
+        replay PATH [--speed X]   redraw a run saved with --save, timings ÷ X; no key, no network
         help      this text and every %%moa option
         version   the moa-magic version
 
@@ -400,6 +435,43 @@ class MoaMagics(Magics):
         from ..accounting.usage import session_summary
 
         display(session_summary())
+
+    def _cmd_cache(self, rest: str) -> None:
+        import sqlite3
+
+        from ..commands.cache import cache_command
+
+        if rest not in ("info", "clear"):
+            raise UsageError(f"%moa cache takes info or clear, got {rest!r}.")
+        try:
+            outcome = cache_command(rest, self.config_file or None)
+        except MoaUserError as exc:
+            raise UsageError(str(exc)) from None
+        except (sqlite3.Error, OSError) as exc:
+            raise UsageError(f"The request cache cannot be read: {exc}. Move it with [settings] "
+                             f"cache_path or delete the file.") from None
+        print(outcome)
+
+    def _cmd_replay(self, rest: str) -> None:
+        from IPython.utils.process import arg_split
+
+        from ..core import replay
+
+        parser = magic_arguments.MagicArgumentParser(prog="%moa replay", add_help=False)
+        parser.add_argument("path")
+        parser.add_argument("--speed", type=float, default=1.0)
+        try:
+            args = parser.parse_args(arg_split(rest, posix=not sys.platform.startswith("win")))
+            saved = replay.load(args.path)
+            replay.check_speed(args.speed)
+        except (MoaUserError, ValueError) as exc:
+            raise UsageError(f"{exc} Usage: %moa replay PATH [--speed X]") from None
+
+        def begin(listener):
+            player, future, finished = replay.start(saved, [listener], args.speed)
+            return player.result, future, finished
+
+        self._show(lambda tree: tree.for_run_of(saved), begin)
 
     def _cmd_help(self, rest: str) -> None:
         traits = "\n".join(

@@ -36,11 +36,26 @@ def shown_error(record: CallRecord, calls: Iterable[CallRecord]) -> str | None:
     return record.error
 
 
+def cost(record: CallRecord) -> str:
+    """A call's cost in this run; a cached call's is $0, with what it cost when it was made."""
+    if record.cached:
+        return f"$0 (first paid {usd(record.original_cost_usd)})"
+    return usd(record.cost_usd)
+
+
+def run_label(result: MoaResult) -> str:
+    """'preset P' (or 'custom run'), after what is replayed and when for a replay."""
+    title = run_title(result.preset)
+    return f"{result.replay_of} · {title}" if result.replay_of else title
+
+
 def call_summary(record: CallRecord, error: str | None = None) -> str:
     """Model, status, timings, tokens, cost, error (`error` replaces the record's, see shown_error)."""
     parts = [record.model, record.status]
     if record.truncated:
         parts.append(f"truncated at the {record.max_tokens}-token limit")
+    if record.cached:
+        parts.append("cached")
     if record.latency_s is not None:
         parts.append(seconds(record.latency_s))
     if record.ttft_s is not None:
@@ -48,7 +63,7 @@ def call_summary(record: CallRecord, error: str | None = None) -> str:
     if record.status != Status.WAITING:
         parts.append(tokens(record))
     if record.status in (Status.DONE, Status.FAILED):
-        parts.append(usd(record.cost_usd))
+        parts.append(cost(record))
     if record.attempts > 1:
         parts.append(f"{record.attempts} attempts")
     error = error or record.error
@@ -66,7 +81,7 @@ def header_prefix(result: MoaResult, elapsed_s: float | None = None, status: str
     """'MoA · preset fake · 2 layers: … · done · 1.20s': the header before the totals."""
     elapsed = result.elapsed_s if elapsed_s is None else elapsed_s
     return (
-        f"MoA · {run_title(result.preset)} · {result.shape} · {status or result.status} · "
+        f"MoA · {run_label(result)} · {result.shape} · {status or result.status} · "
         f"{seconds(elapsed)}"
     )
 

@@ -166,12 +166,17 @@ class TreeRenderer:
         )
 
     @classmethod
-    def for_result(cls, result: MoaResult, **kwargs) -> TreeRenderer:
-        """A finished (or partial) result as a tree, without a run."""
-        tree = cls(
+    def for_run_of(cls, result: MoaResult, **kwargs) -> TreeRenderer:
+        """An empty tree shaped like `result`'s run, for a replay of it to fill."""
+        return cls(
             result.preset, result.shape, [[r.model for r in layer] for layer in result.layers],
             result.aggregator.model, **kwargs,
         )
+
+    @classmethod
+    def for_result(cls, result: MoaResult, **kwargs) -> TreeRenderer:
+        """A finished (or partial) result as a tree, without a run."""
+        tree = cls.for_run_of(result, **kwargs)
         tree._bind(result)
         tree.close()
         return tree

@@ -1,0 +1,73 @@
+"""`moa_magic.load(path)`: a saved run (core/saved.py) or a `--json` output back as a `MoaResult`.
+
+A file is untrusted input: its shape is checked and a problem is one line saying what is wrong;
+its text is rendered like any model output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import MoaUserError
+from .result import CallRecord, MoaResult
+from .saved import FORMAT, VERSION, Timeline
+
+
+def load(path: str | Path) -> MoaResult:
+    """A saved run (or a `moa --json` output) as a `MoaResult`, ready for `replay` or inspection."""
+    path = Path(path).expanduser()
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except OSError as exc:
+        raise MoaUserError(f"Cannot read {path}: {exc.strerror or exc}.") from None
+    except ValueError as exc:
+        raise MoaUserError(f"{path} is not JSON ({exc}); give a file written by --save or result.save().") from None
+    if not isinstance(data, dict):
+        raise MoaUserError(f"{path} is not a saved moa-magic run: its JSON is not an object.")
+    if data.get("format", FORMAT) != FORMAT or data.get("version", VERSION) > VERSION:
+        raise MoaUserError(
+            f"{path} is a {data.get('format')!r} file version {data.get('version')!r}; this "
+            f"moa-magic reads {FORMAT!r} up to version {VERSION}."
+        )
+    try:
+        result = _result(data)
+        timeline = data.get("timeline")
+        result.timeline = (Timeline.from_dict(timeline, result) if timeline is not None
+                           else Timeline.estimated(result))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise MoaUserError(
+            f"{path} is not a complete saved moa-magic run ({problem}); give a file written by "
+            f"--save or result.save()."
+        ) from None
+    return result
+
+
+def _record(data: dict) -> CallRecord:
+    counted = data.get("counted") or {}
+    return CallRecord(
+        layer=int(data["layer"]), index=int(data["index"]), model=str(data["model"]),
+        role=str(data["role"]), temperature=data["temperature"], max_tokens=data["max_tokens"],
+        seed=data.get("seed"), messages=list(data.get("messages") or []), status=str(data["status"]),
+        text=str(data.get("text") or ""), error=data.get("error"), usage=data.get("usage"),
+        prompt_tokens=counted.get("prompt_tokens"),
+        completion_tokens=int(counted.get("completion_tokens") or 0),
+        tokens_approx=bool(counted.get("approximate")), cost_usd=data.get("cost_usd"),
+        price_source=data.get("price_source"), latency_s=data.get("latency_s"),
+        ttft_s=data.get("ttft_s"), attempts=int(data.get("attempts") or 0),
+        retries=[str(r) for r in data.get("retries") or []], cached=bool(data.get("cached")),
+        original_cost_usd=data.get("original_cost_usd"), finish_reason=data.get("finish_reason"),
+    )
+
+
+def _result(data: dict) -> MoaResult:
+    return MoaResult(
+        prompt=str(data["prompt"]), preset=str(data["preset"]), shape=str(data["shape"]),
+        template=str(data.get("aggregator_prompt") or ""), system=data.get("system"),
+        layers=[[_record(r) for r in layer] for layer in data["layers"]],
+        aggregator=_record(data["aggregator"]), status=str(data["status"]), error=data.get("error"),
+        started=float(data.get("started_at") or 0.0),
+        elapsed_s=float((data.get("totals") or {}).get("elapsed_s") or 0.0),
+        layer_seconds=[float(s) for s in data.get("layer_seconds") or []],
+    )

@@ -1,0 +1,329 @@
+"""The request cache: complete replies on disk, keyed on what determines them.
+
+The key is a sha256 of the provider's origin (its base URL without credentials, query or fragment;
+the embedded model's `embedded:` name, not its per-process port) and the full request body the
+engine sends (model, messages, temperature, max_tokens, seed). What is stored per key: the model's
+name, the reply text, the server's usage, what the call cost and where the price came from, its
+latency. Never a header or an API key: neither is part of the body, and the origin is stripped.
+
+Storage is the standard library's sqlite3, one file (`requests.sqlite3` in the user cache dir,
+found with platformdirs; `[settings] cache_path` moves it). WAL mode lets readers go on while one
+process writes; `busy_timeout` makes a second writer (another kernel, another `moa`) wait for the
+lock instead of failing, and every write is one `BEGIN IMMEDIATE` transaction, so two processes
+writing at once lose nothing. The stored size is bounded (`cache_max_mb`): triggers keep the total
+in `totals`, and past the bound the least recently used replies go, down to 90 % of it.
+
+Which calls are served is the run's policy (`CallCache`, see README "Cache"): `auto` serves calls
+whose answer is determined (temperature 0 or a fixed seed), `on` every call, `off` none; `auto` and
+`on` keep every complete reply, so an answer already paid for can be reused later with `--cache`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("moa_magic")
+
+KEY_VERSION = "moa-magic request cache v1"
+BUSY_TIMEOUT_MS = 30_000
+EVICT_TO = 0.9  # after eviction the cache holds at most this share of its bound
+REPLAY_PIECES = 8  # a served answer reaches the tree in this many deltas when someone watches
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replies (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    reply TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    last_used REAL NOT NULL,
+    hits INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS replies_last_used ON replies(last_used);
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS replies_added AFTER INSERT ON replies
+    BEGIN UPDATE totals SET bytes = bytes + new.size; END;
+CREATE TRIGGER IF NOT EXISTS replies_removed AFTER DELETE ON replies
+    BEGIN UPDATE totals SET bytes = bytes - old.size; END;
+CREATE TRIGGER IF NOT EXISTS replies_resized AFTER UPDATE OF size ON replies
+    BEGIN UPDATE totals SET bytes = bytes - old.size + new.size; END;
+"""
+
+
+def default_path() -> Path:
+    import platformdirs
+
+    return platformdirs.user_cache_path("moa-magic", appauthor=False) / "requests.sqlite3"
+
+
+def origin(base_url: str, embedded_name: str | None = None) -> str:
+    """What identifies the endpoint in a key: scheme, host, port and path; never userinfo or query."""
+    if embedded_name:
+        return embedded_name
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+
+
+def request_key(endpoint: str, body: dict) -> str:
+    canonical = json.dumps([KEY_VERSION, endpoint, body], sort_keys=True, ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class CachedReply:
+    """A reply served from the cache; the engine reads it like `client.Reply`."""
+
+    text: str
+    usage: dict | None
+    cost_usd: float | None  # what the call cost when it was made
+    price_source: str | None
+    created: float
+    finish_reason: str | None = None
+    attempts: int = 0  # no request was sent
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    path: Path
+    entries: int
+    bytes: int
+    max_bytes: int
+    file_bytes: int
+    hits: int
+    stored_cost_usd: float
+    oldest: float | None
+    newest: float | None
+    models: tuple[tuple[str, int], ...]
+
+    def text(self) -> str:
+        from ..figures import usd
+
+        mb = 1024 * 1024
+        lines = [
+            f"moa cache: {self.path}",
+            f"  {self.entries} replies · {self.bytes / mb:.2f} MB of {self.max_bytes / mb:.0f} MB "
+            f"(file {self.file_bytes / mb:.2f} MB) · served {self.hits} times · "
+            f"first paid {usd(self.stored_cost_usd)}",
+        ]
+        if self.oldest is not None:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.oldest))
+            last = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.newest))
+            lines.append(f"  stored from {when} to {last}")
+        lines += [f"  {count:>6}  {model}" for model, count in self.models]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def _repr_pretty_(self, printer, cycle) -> None:
+        printer.text(self.text())
+
+
+class RequestCache:
+    """One cache file. Thread-safe (one connection, one lock); the connection opens on first use."""
+
+    def __init__(self, path: str | Path, max_mb: float):
+        self.path = Path(path)
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self._lock = threading.Lock()
+        self._db = None
+
+    def _connection(self):
+        import sqlite3
+
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # answers can be private: the file (and WAL/SHM, which sqlite creates alike) is the user's
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                 check_same_thread=False)
+            try:
+                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL stays safe
+                db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
+            except Exception:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def get(self, key: str) -> CachedReply | None:
+        with self._lock:
+            db = self._connection()
+            row = db.execute("SELECT reply, created FROM replies WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE replies SET last_used = ?, hits = hits + 1 WHERE key = ?",
+                       (time.time(), key))
+        stored = json.loads(row[0])
+        return CachedReply(
+            text=stored["text"], usage=stored.get("usage"), cost_usd=stored.get("cost_usd"),
+            price_source=stored.get("price_source"), created=row[1],
+            finish_reason=stored.get("finish_reason"),
+        )
+
+    def put(self, key: str, model: str, endpoint: str, reply: dict) -> None:
+        """Store (or refresh) one reply, then evict the least recently used past the bound."""
+        data = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+        now = time.time()
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO replies (key, model, origin, reply, size, created, last_used) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                    "reply = excluded.reply, size = excluded.size, created = excluded.created, "
+                    "last_used = excluded.last_used",
+                    (key, model, endpoint, data, len(data.encode("utf-8")), now, now),
+                )
+                self._evict(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def _evict(self, db) -> None:
+        (total,) = db.execute("SELECT bytes FROM totals").fetchone()
+        if total > self.max_bytes:
+            # the oldest replies whose sizes add up to the excess, the one that crosses it included
+            db.execute(
+                "DELETE FROM replies WHERE key IN (SELECT key FROM (SELECT key, size, SUM(size) "
+                "OVER (ORDER BY last_used, key) AS running FROM replies) WHERE running - size < ?)",
+                (total - self.max_bytes * EVICT_TO,),
+            )
+
+    def info(self) -> CacheInfo:
+        with self._lock:
+            db = self._connection()
+            entries, hits, cost, oldest, newest = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(hits), 0), "
+                "COALESCE(SUM(json_extract(reply, '$.cost_usd')), 0), MIN(created), MAX(created) "
+                "FROM replies"
+            ).fetchone()
+            (total,) = db.execute("SELECT bytes FROM totals").fetchone()
+            models = db.execute(
+                "SELECT model, COUNT(*) AS n FROM replies GROUP BY model ORDER BY n DESC, model LIMIT 10"
+            ).fetchall()
+        files = [self.path, Path(f"{self.path}-wal")]
+        return CacheInfo(
+            path=self.path, entries=entries, bytes=total, max_bytes=self.max_bytes,
+            file_bytes=sum(p.stat().st_size for p in files if p.exists()), hits=hits,
+            stored_cost_usd=float(cost), oldest=oldest, newest=newest,
+            models=tuple((m, n) for m, n in models),
+        )
+
+    def clear(self) -> int:
+        """Delete every stored reply and give the space back; returns how many there were."""
+        with self._lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            (count,) = db.execute("SELECT COUNT(*) FROM replies").fetchone()
+            db.execute("DELETE FROM replies")
+            db.execute("COMMIT")
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return count
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+_open: dict[tuple[Path, float], RequestCache] = {}
+_open_lock = threading.Lock()
+OPEN_MAX = 4  # each open cache holds three file descriptors (database, WAL, shared memory)
+
+
+def open_cache(path: str | Path | None = None, max_mb: float = 256.0) -> RequestCache:
+    """The cache at `path` (default: the user cache dir), shared by every run of this process."""
+    where = (Path(path) if path else default_path()).expanduser().resolve()
+    with _open_lock:
+        cache = _open.pop((where, max_mb), None) or RequestCache(where, max_mb)
+        _open[(where, max_mb)] = cache  # most recently used last
+        while len(_open) > OPEN_MAX:
+            _open.pop(next(iter(_open))).close()
+    return cache
+
+
+def cache_for_settings(settings) -> RequestCache:
+    return open_cache(settings.cache_path or None, settings.cache_max_mb)
+
+
+class CallCache:
+    """One run's use of the cache: which calls it serves, how it replays them, what it keeps.
+
+    `replay_s`: a served answer streams in over this long (several deltas), so whoever watches sees
+    the mechanism; 0 gives it in one delta (nobody watches: the Python API without listeners, batch).
+    """
+
+    def __init__(self, store: RequestCache, mode: str, replay_s: float):
+        self.store = store
+        self.mode = mode
+        self.replay_s = replay_s
+        self._warned = False
+
+    @classmethod
+    def for_settings(cls, settings, watched: bool) -> CallCache | None:
+        if settings.cache == "off":
+            return None
+        return cls(cache_for_settings(settings), settings.cache, settings.cache_replay_s if watched else 0.0)
+
+    def serves(self, body: dict) -> bool:
+        """`on`: every call; `auto`: calls whose answer is determined (temperature 0 or a seed)."""
+        return self.mode == "on" or body.get("temperature") == 0 or body.get("seed") is not None
+
+    async def serve(self, key: str, on_delta: Callable[[str], None]) -> CachedReply | None:
+        try:
+            hit = await asyncio.to_thread(self.store.get, key)
+        except Exception as exc:  # a broken cache is a miss, never a failed call
+            self._warn("read", exc)
+            return None
+        if hit is None:
+            return None
+        pieces = _pieces(hit.text, REPLAY_PIECES if self.replay_s > 0 else 1)
+        for number, piece in enumerate(pieces):
+            if number:
+                await asyncio.sleep(self.replay_s / len(pieces))
+            on_delta(piece)
+        return hit
+
+    async def keep(self, key: str, model: str, endpoint: str, reply: dict) -> None:
+        try:
+            await asyncio.to_thread(self.store.put, key, model, endpoint, reply)
+        except Exception as exc:
+            self._warn("write", exc)
+
+    def _warn(self, what: str, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning("moa-magic could not %s the request cache %s: %s", what, self.store.path, exc)
+
+
+def _pieces(text: str, count: int) -> list[str]:
+    """`text` in up to `count` pieces of whole words that join back to it exactly."""
+    if not text:
+        return []
+    words = re.findall(r"\s*\S+\s*", text) or [text]
+    size = -(-len(words) // count)
+    return ["".join(words[i:i + size]) for i in range(0, len(words), size)]
