@@ -83,12 +83,15 @@ class Replay:
             at(times.start, lambda o=original, r=live: self._start(o, r))
             for when, attempt, reason, delay in times.retries:
                 at(when, lambda r=live, a=attempt, why=reason, d=delay: self._retry(r, a, why, d))
-            offset = 0
+            offset, last = 0, times.start
             for when, chars in zip(times.chunk_at, times.chunk_chars):
                 piece = original.text[offset:offset + chars]
                 offset += chars
-                at(times.start + when, lambda o=original, r=live, p=piece: self._delta(o, r, p))
-            at(times.end, lambda o=original, r=live: self._end(o, r))
+                last = times.start + when
+                at(last, lambda o=original, r=live, p=piece: self._delta(o, r, p))
+            # Times are kept in whole ms: a last chunk can round past the end it came just before.
+            end = None if times.end is None else max(times.end, last)
+            at(end, lambda o=original, r=live: self._end(o, r))
         records = [*self.result.layers, [self.result.aggregator]]
         for number, when in enumerate(self.timeline.layers, start=1):
             if number <= len(records):
