@@ -148,11 +148,8 @@ def redact(text: str, key: str | None) -> str:
 
 def secrets(provider: Provider, base_url: str) -> list[str]:
     """What must never be shown for this call: the API key and a password in the base URL."""
-    found = [provider.api_key() or ""]
-    _, auth = http.split_credentials(base_url)
-    if auth is not None:
-        found.append(auth.password)
-    return [s for s in found if s]
+    _, password, _ = http.split_credentials(base_url)
+    return [s for s in (provider.api_key(), password) if s]
 
 
 def scrub(text: str, provider: Provider, base_url: str) -> str:
@@ -236,12 +233,14 @@ async def stream_chat(
 
 
 async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -> Reply:
-    plain_url, auth = http.split_credentials(base_url)
+    plain_url, _, basic = http.split_credentials(base_url)
     shown_url = redact_url(base_url)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     key = provider.api_key()
+    if basic is not None:
+        headers["Authorization"] = basic
     if key:
-        if auth is not None:
+        if basic is not None:
             raise CallError(
                 f"{provider.name}: base_url {shown_url} carries a user name and password and "
                 f"{provider.api_key_env} holds an API key; only one can be sent. Remove one of them."
@@ -256,7 +255,7 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
     )
     try:
         response = await asyncio.wait_for(
-            http.post(f"{plain_url}/chat/completions", auth=auth, json=payload, headers=headers,
+            http.post(f"{plain_url}/chat/completions", json=payload, headers=headers,
                       timeout=timeout),
             settings.first_byte_timeout,
         )

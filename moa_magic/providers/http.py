@@ -58,13 +58,14 @@ async def close_session() -> None:
         await current.close()
 
 
-def split_credentials(url: str) -> tuple[str, aiohttp.BasicAuth | None]:
-    """(the URL without user:password, basic auth from them or None)."""
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without user:password, the password, a basic `Authorization` value or None)."""
     parsed = URL(url)
     if parsed.user is None and parsed.password is None:
-        return url, None
-    auth = aiohttp.BasicAuth(parsed.user or "", parsed.password or "")
-    return str(parsed.with_user(None)), auth
+        return url, None, None
+    password = parsed.password or ""
+    header = aiohttp.encode_basic_auth(parsed.user or "", password)
+    return str(parsed.with_user(None)), password, header
 
 
 def origin(url: URL) -> str:
@@ -84,8 +85,9 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-def proxy_for(url: URL) -> tuple[str | None, aiohttp.BasicAuth | None]:
-    """The environment's proxy for `url` (and its credentials), or (None, None) for a direct call."""
+def proxy_for(url: URL) -> tuple[str | None, dict | None]:
+    """The environment's proxy for `url` and the headers for it (its credentials), or (None, None)
+    for a direct call."""
     if is_loopback(url.host):
         return None, None
     proxies = urllib.request.getproxies_environment()
@@ -93,21 +95,21 @@ def proxy_for(url: URL) -> tuple[str | None, aiohttp.BasicAuth | None]:
     if not proxy or urllib.request.proxy_bypass_environment(url.host or "", proxies):
         return None, None
     parsed = URL(proxy if "://" in proxy else f"http://{proxy}")
-    auth = None
+    headers = None
     if parsed.user is not None:
-        auth = aiohttp.BasicAuth(parsed.user, parsed.password or "")
+        headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(parsed.user, parsed.password or "")}
         parsed = parsed.with_user(None)
-    return str(parsed), auth
+    return str(parsed), headers
 
 
-async def post(url: str, *, auth, **kwargs) -> aiohttp.ClientResponse:
+async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
     """POST, following same-origin redirects (the same request again); a redirect to another
     origin raises CrossOriginRedirect naming both, before anything is sent there."""
     target = URL(url)
     for _ in range(MAX_REDIRECTS + 1):
-        proxy, proxy_auth = proxy_for(target)
+        proxy, proxy_headers = proxy_for(target)
         response = await session().post(
-            target, auth=auth, proxy=proxy, proxy_auth=proxy_auth, allow_redirects=False, **kwargs
+            target, proxy=proxy, proxy_headers=proxy_headers, allow_redirects=False, **kwargs
         )
         location = response.headers.get("Location")
         if response.status not in REDIRECTS or not location:
