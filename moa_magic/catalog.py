@@ -17,7 +17,7 @@ def provider_rows(config: Config) -> list[dict]:
             key = "no key needed"
         else:
             key = f"{p.api_key_env} {'set' if p.has_key() else 'not set'}"
-        rows.append({"name": name, "url": p.base_url if p.embedded else p.url(), "key": key,
+        rows.append({"name": name, "url": p.shown_url(), "key": key,
                      "ready": p.has_key()})
     return rows
 

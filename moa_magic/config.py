@@ -6,10 +6,13 @@ file, so a new provider or preset is data, not code. Every error names the file 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError, MoaUserError
 from .limits import max_tokens_problem, temperature_problem
@@ -21,6 +24,53 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 BUILTIN = "built-in presets (moa_magic/builtin.toml)"
 MODEL_KEYS = {"model": str, "temperature": (int, float), "max_tokens": int, "system": str, "seed": int}
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Allowed ranges of numbers: (low, high, whole number?). Seeds are whatever an int64 holds.
+SEED = (-(2**63), 2**63 - 1, True)
+CONCURRENCY = (1, 1024, True)
+SETTINGS_RANGES = {
+    "retries": (0, 100, True),
+    "connect_timeout": (0.001, 86_400, False),
+    "first_byte_timeout": (0.001, 86_400, False),
+    "chunk_timeout": (0.001, 86_400, False),
+    "call_timeout": (0.001, 86_400, False),
+    "min_ok": (0, 1024, True),
+    "max_concurrency": CONCURRENCY,
+    "backoff_base": (0, 3_600, False),
+    "backoff_max": (0, 3_600, False),
+    "cache_max_mb": (0.001, 1_000_000, False),
+    "cache_replay_s": (0, 60, False),
+}
+PRICE = (0, 1_000_000, False)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any user name and password shown as `***`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return re.sub(r"//[^/?#]*@", "//***@", url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a base URL, or None. Credentials are allowed (sent as basic auth)."""
+    if not url.startswith(("http://", "https://")):
+        return "must start with http:// or https://"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if not parts.hostname:
+        return "has no host name"
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        return "must not have a ?query or #fragment (moa-magic appends /chat/completions)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -49,17 +99,31 @@ class Provider:
         return not self.api_key_env or bool(self.api_key())
 
     def url(self) -> str:
-        """Base URL after overrides: MOA_<NAME>_BASE_URL, then the config file, then e.g. OLLAMA_HOST."""
-        override = os.environ.get(f"MOA_{self.name.upper().replace('-', '_')}_BASE_URL")
+        """Base URL after overrides: MOA_<NAME>_BASE_URL, then the config file, then e.g. OLLAMA_HOST.
+
+        A malformed override is a ConfigError naming the variable (its value shown redacted)."""
+        variable = f"MOA_{self.name.upper().replace('-', '_')}_BASE_URL"
+        override = os.environ.get(variable)
         if override:
-            return override.rstrip("/")
+            return _checked_env_url(override.rstrip("/"), variable)
         if self.host_env and not self.base_url_from_user and os.environ.get(self.host_env):
             host = os.environ[self.host_env].strip().rstrip("/")
             if "://" not in host:
                 host = f"http://{host}"
             host = host.replace("://0.0.0.0", "://127.0.0.1")
-            return f"{host}/v1"
+            return _checked_env_url(f"{host}/v1", self.host_env)
         return self.base_url.rstrip("/")
+
+    def shown_url(self) -> str:
+        """The base URL to show a person: credentials redacted, the embedded marker as is."""
+        return self.base_url if self.embedded else redact_url(self.url())
+
+
+def _checked_env_url(url: str, variable: str) -> str:
+    problem = url_problem(url)
+    if problem:
+        raise ConfigError(f"${variable} = {redact_url(url)!r} {problem}. Fix or unset it.")
+    return url
 
 
 @dataclass(frozen=True)
@@ -162,6 +226,10 @@ def load_config(path: str | Path | None = None) -> Config:
             text = path.read_text("utf-8")
         except OSError as exc:
             raise ConfigError(f"Cannot read config file {path}: {exc.strerror}.") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8."
+            ) from None
         config = _merge(config, _parse(text, str(path)), str(path), user=True)
     return config
 
@@ -239,6 +307,31 @@ def _check_keys(table: dict, allowed, where: str, section: str) -> None:
         )
 
 
+def _number(value, where: str, section: str, key: str, bounds: tuple) -> int | float:
+    """`value` if it is a (whole) number within `bounds`; NaN and infinities never are."""
+    low, high, whole = bounds
+    kinds = (int,) if whole else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kinds)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(f"{where}: [{section}] {key} must be {kind} from {low} to {high}, got {value!r}.")
+    return value
+
+
+def _env_name(value, where: str, section: str, key: str) -> str:
+    if not ENV_NAME.fullmatch(value):
+        # the value may be a pasted key: never echo it
+        raise ConfigError(
+            f"{where}: [{section}] {key} must be the NAME of an environment variable (letters, "
+            f"digits and _, e.g. \"MY_API_KEY\"), not a key itself; the value given is not shown."
+        )
+    return value
+
+
 def _provider(name: str, table: dict, where: str, base: Provider | None, user: bool) -> Provider:
     section = f"providers.{name}"
     _check_keys(table, PROVIDER_KEYS, where, section)
@@ -253,17 +346,31 @@ def _provider(name: str, table: dict, where: str, base: Provider | None, user: b
         )
     fields = dict(table)
     if "models" in fields:
+        if not all(isinstance(m, str) and m for m in fields["models"]):
+            raise ConfigError(f"{where}: [{section}] models must be a list of model names.")
         fields["models"] = tuple(fields["models"])
+    for key in ("api_key_env", "host_env"):
+        if fields.get(key):  # "" means none
+            _env_name(fields[key], where, section, key)
     if "base_url" in fields:
         url = fields["base_url"]
-        if not (url.startswith(("http://", "https://", "embedded:"))):
+        problem = None if url.startswith("embedded:") else url_problem(url)
+        if problem:
             raise ConfigError(
-                f"{where}: [{section}] base_url must start with http:// or https://, got {url!r}."
+                f"{where}: [{section}] base_url {problem}, e.g. \"https://api.example.com/v1\"; "
+                f"got {redact_url(url)!r}."
             )
         fields["base_url_from_user"] = user
-    if "max_concurrency" in fields and fields["max_concurrency"] < 1:
-        raise ConfigError(f"{where}: [{section}] max_concurrency must be at least 1.")
-    return replace(base, **fields) if base else Provider(name=name, **fields)
+    if "max_concurrency" in fields:
+        _number(fields["max_concurrency"], where, section, "max_concurrency", CONCURRENCY)
+    provider = replace(base, **fields) if base else Provider(name=name, **fields)
+    if provider.api_key_env and "@" in urlsplit(provider.base_url).netloc:
+        raise ConfigError(
+            f"{where}: [{section}] base_url {redact_url(provider.base_url)} carries a user name and "
+            f"password, and api_key_env = \"{provider.api_key_env}\" names a key: only one can be "
+            f"sent. Remove the credentials from the URL, or set api_key_env = \"\"."
+        )
+    return provider
 
 
 def _model_entry(value, where: str, section: str) -> ModelEntry:
@@ -277,7 +384,13 @@ def _model_entry(value, where: str, section: str) -> ModelEntry:
             if key in value and not isinstance(value[key], kind):
                 raise ConfigError(f"{where}: [{section}] {key} has the wrong type.")
         fields = dict(value)
-        return ModelEntry(spec=fields.pop("model"), **fields)
+        spec = fields.pop("model")
+        for key, problem in (("temperature", temperature_problem), ("max_tokens", max_tokens_problem)):
+            if key in fields and problem(fields[key]):
+                raise ConfigError(f"{where}: [{section}] model {spec!r}: {key} {problem(fields[key])}.")
+        if "seed" in fields:
+            _number(fields["seed"], where, f"{section}] [model {spec!r}", "seed", SEED)
+        return ModelEntry(spec=spec, **fields)
     raise ConfigError(
         f"{where}: [{section}] a model must be \"provider:model\" or "
         f"{{ model = \"provider:model\", temperature = 0.7 }}, got {value!r}."
@@ -327,11 +440,9 @@ def _price(spec: str, table: dict, where: str) -> dict[str, float]:
     if ":" not in spec:
         raise ConfigError(f"{where}: [{section}] the key must be \"provider:model\".")
     for key in ("input", "output"):
-        value = table.get(key)
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(
-                f"{where}: [{section}] needs {key} = USD per million tokens (a number >= 0)."
-            )
+        if key not in table:
+            raise ConfigError(f"{where}: [{section}] needs {key} = USD per million tokens.")
+        _number(table[key], where, section, f"{key} (USD per million tokens)", PRICE)
     return {"input": float(table["input"]), "output": float(table["output"])}
 
 
@@ -352,24 +463,15 @@ def _settings(current: RunSettings, table: dict, where: str) -> RunSettings:
     _check_keys(table, allowed, where, "settings")
     fields = {}
     for key, value in table.items():
-        kind = allowed[key]
         if key == "cache":
             fields[key] = cache_mode(value, f"{where}: [settings]")
-            continue
-        if key == "cache_path":
+        elif key == "cache_path":
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{where}: [settings] cache_path must be a file path in quotes.")
             path = Path(value).expanduser()
             if not path.is_absolute() and where != BUILTIN:  # relative to the file that says it
                 path = Path(where).parent / path
             fields[key] = str(path)
-            continue
-        if key == "cache_max_mb" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or value <= 0):
-            raise ConfigError(f"{where}: [settings] cache_max_mb must be a number of megabytes > 0.")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"{where}: [settings] {key} must be a number >= 0.")
-        if kind is int and not isinstance(value, int):
-            raise ConfigError(f"{where}: [settings] {key} must be a whole number.")
-        fields[key] = kind(value)
+        else:
+            fields[key] = allowed[key](_number(value, where, "settings", key, SETTINGS_RANGES[key]))
     return replace(current, **fields)

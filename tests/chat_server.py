@@ -68,6 +68,11 @@ class Reply:
     comments: bool = False  # ": keep-alive" comments and empty-delta chunks between chunks
     hang: bool = False  # after `delay`, send nothing at all until the client disconnects
     json_instead_of_sse: bool = False  # ignore "stream" and answer with one JSON completion
+    # Raw bytes instead of a generated reply, each piece its own write `raw_gap` seconds apart
+    # (separate TCP segments): for byte-exact SSE and bodies split anywhere.
+    raw: list[bytes] | None = None
+    raw_content_type: str = "text/event-stream"
+    raw_gap: float = 0.0
 
 
 @dataclass
@@ -433,6 +438,8 @@ class ChatServer:
         if reply.hang:
             await self._wait_disconnect(request)
         headers = {str(k): str(v) for k, v in reply.headers.items()}
+        if reply.raw is not None:
+            return await self._raw(request, reply, headers)
         if reply.reject_stream_options and "stream_options" in body:
             return web.json_response(
                 _error_json(
@@ -556,6 +563,17 @@ class ChatServer:
             await send(chunk(None, usage=usage))
         if not reply.no_done:
             await send("[DONE]")
+        await resp.write_eof()
+        return resp
+
+    async def _raw(self, request: web.Request, reply: Reply, headers: dict) -> web.StreamResponse:
+        resp = web.StreamResponse(status=reply.status, headers=headers)
+        resp.content_type = reply.raw_content_type
+        await resp.prepare(request)
+        for i, piece in enumerate(reply.raw):
+            if i and reply.raw_gap:
+                await asyncio.sleep(reply.raw_gap)
+            await resp.write(piece)
         await resp.write_eof()
         return resp
 

@@ -154,7 +154,7 @@ def test_config_settings_choose_the_default_and_the_path(chat_server, tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('cache = "sometimes"', 'cache must be true'),
-    ("cache_max_mb = 0", "cache_max_mb must be a number of megabytes > 0"),
+    ("cache_max_mb = 0", r"cache_max_mb must be a number from 0.001 to 1000000, got 0"),
     ("cache_path = 3", "cache_path must be a file path"),
 ])
 def test_bad_cache_settings_say_what_is_allowed(chat_server, tmp_path, line, message):

@@ -213,7 +213,7 @@ def test_unknown_preset_provider_and_malformed_spec_fail_before_any_request(chat
         ("[providers.fake]\nbase_urll = 'http://h'\n", r"unknown key\(s\) base_urll; allowed"),
         ("[presets.bad]\nlayers = [['fake:a']]\naggregator = 'fake:a'\ntemperature = 5\n", "from 0 to 2"),
         ("colour = 'red'\n", r"unknown top-level key\(s\) colour"),
-        ("[settings]\nretries = 'many'\n", r"\[settings\] retries must be a number"),
+        ("[settings]\nretries = 'many'\n", r"\[settings\] retries must be a whole number from 0 to 100"),
         ("[prices.\"fake:a\"]\ninput = 1\n", r"needs output"),
         ("[presets.bad\nlayers = 1\n", r"not valid TOML: .*line 1"),
     ],

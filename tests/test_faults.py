@@ -592,12 +592,12 @@ def test_a_json_reply_that_is_not_a_completion(chat_server, configure, monkeypat
 
 
 def test_a_long_sse_line_is_read_and_an_absurd_one_is_a_call_error(chat_server, configure):
-    chat_server.script(model="a", chunks=["x" * 300_000])
-    chat_server.script(model="b", chunks=["y" * 1_000_000])  # over aiohttp's 512 KiB line limit
+    chat_server.script(model="a", chunks=["x" * 1_000_000])  # over aiohttp's 512 KiB line limit
+    chat_server.script(model="b", chunks=["y" * (client.EVENT_MAX + 1)])
     result, _ = run()
-    assert record_of(result, "fake:a").text == "x" * 300_000
+    assert record_of(result, "fake:a").text == "x" * 1_000_000
     b = record_of(result, "fake:b")
-    assert b.error == "fake sent a stream line too long to read" and b.attempts == 1
+    assert b.error == "fake sent an event over 8 MiB, more than a reply can hold" and b.attempts == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,6 +247,7 @@ def test_sigint_to_the_owners_group_spares_the_server():
     extra = """
     import os, urllib.request
     try:
+        print("waiting", flush=True)  # inside the try: a SIGINT before this line would escape it
         time.sleep(600)
     except KeyboardInterrupt:
         ok = urllib.request.urlopen(local.ensure_server() + "/models", timeout=10).status == 200
@@ -254,6 +255,7 @@ def test_sigint_to_the_owners_group_spares_the_server():
     """
     owner, server_pid = _spawn_owner(extra, new_session=True)
     try:
+        assert owner.stdout.readline().strip() == "waiting"
         os.killpg(owner.pid, signal.SIGINT)
         line = owner.stdout.readline().split()
         assert line[:2] == ["interrupted", "True"], line

@@ -1,6 +1,7 @@
 """Soak: a few hundred runs with random faults (seeded) against the loopback server.
 
-Every run must end (done, failed or — when the test cancels it — cancelled) within a deadline; no
+Every run streams into a live widget tree (as in the notebook), and the number of live widgets
+stays flat. Every run must end (done, failed or — when the test cancels it — cancelled) within a deadline; no
 asyncio task is left on the worker loop, no request stays open at the server, no socket or file
 descriptor, thread or memory piles up. Runs in the default suite too (about 15-30 s).
 
@@ -24,6 +25,7 @@ import pytest
 from chat_server import Reply
 from moa_magic.providers import client
 from moa_magic.core import runner
+from moa_magic.render.widgets import TreeRenderer
 
 SEED = int(os.environ.get("MOA_SOAK_SEED", "20240611"))
 RUNS = int(os.environ.get("MOA_SOAK_RUNS", "300"))
@@ -115,6 +117,8 @@ def test_soak_random_faults(chat_server, moa_config):
     moa_config.write_text(moa_config.read_text() + SETTINGS)
     picker = FaultPicker()
     chat_server.script(reply=picker)
+    from ipywidgets.widgets.widget import _instances as widget_instances
+
     loop = runner.worker.loop()
     proc = psutil.Process()
     counts = collections.Counter()
@@ -125,7 +129,8 @@ def test_soak_random_faults(chat_server, moa_config):
         layers = 3 if i % 10 == 0 else 2
         prompt = f"soak run {i}"
         plan, cfg = runner.prepare(prompt, preset="fake", layers=layers)
-        _, future, finished = runner.start(plan, cfg, prompt)
+        tree = TreeRenderer.for_plan(plan)
+        _, future, finished = runner.start(plan, cfg, prompt, [tree])
         cancel = i % 20 == 7
         if cancel:
             time.sleep(rng.uniform(0.0, 0.08))
@@ -181,6 +186,7 @@ def test_soak_random_faults(chat_server, moa_config):
     threads = threading.active_count()
     fds = proc.num_fds()
     rss = _rss_mb()
+    live_widgets = len(widget_instances)
     peak_client_sockets = 0
     for i in range(warm_up, RUNS):
         one_run(i)
@@ -202,6 +208,8 @@ def test_soak_random_faults(chat_server, moa_config):
     if threading.active_count() != threads:
         leaks.append(f"threads: {threading.active_count()}, were {threads}")
     growth = _rss_mb() - rss
+    if len(widget_instances) != live_widgets:
+        leaks.append(f"live widgets: {len(widget_instances)}, were {live_widgets}")
 
     faults = sum(picker.injected.values())
     print(
@@ -212,7 +220,7 @@ def test_soak_random_faults(chat_server, moa_config):
         f"{counts['retries']} retries ({counts['calls recovered by a retry']} calls recovered); "
         f"failures shown: {counts['failures shown (calls)']} calls, "
         f"{counts['failures shown (runs)']} runs; leaks found: {len(leaks)}; "
-        f"RSS growth {growth:+.1f} MB; peak client sockets {peak_client_sockets}; "
+        f"RSS growth {growth:+.1f} MB; live widgets {len(widget_instances)}; peak client sockets {peak_client_sockets}; "
         f"waits for a task to wind down {counts['tasks still winding down']}"
     )
     print("faults by kind:", dict(sorted(picker.injected.items(), key=lambda kv: -kv[1])))

@@ -12,7 +12,7 @@ import time
 import traceback
 from typing import Iterable
 
-from ..providers import client
+from ..providers import client, limits
 from . import method
 from ..accounting import prices, tokens
 from ..config import Provider
@@ -140,11 +140,11 @@ class Engine:
         return urls
 
     def _limits(self) -> tuple[asyncio.Semaphore, dict[str, asyncio.Semaphore]]:
-        """Per-provider and overall limits, so many proposers do not trip a provider's rate limit."""
+        """Per-provider and overall limits, shared by every run of the process (`limits.py`)."""
         per_provider = {
-            name: asyncio.Semaphore(p.max_concurrency) for name, p in self.plan.providers().items()
+            name: limits.limiter(name, p.max_concurrency) for name, p in self.plan.providers().items()
         }
-        return asyncio.Semaphore(self.plan.settings.max_concurrency), per_provider
+        return limits.limiter(limits.OVERALL, self.plan.settings.max_concurrency), per_provider
 
     async def _call(self, call: ModelCall, record: CallRecord, outputs: list[str], urls, limits) -> None:
         overall, per_provider = limits
@@ -169,9 +169,16 @@ class Engine:
             started = time.perf_counter()
             self.emit(CallStarted(record))
 
+            counted: dict[str, int] = {}  # deltas repeat ("the", " a"): count each text once
+
             def on_delta(text: str) -> None:
-                record.text += text
-                record.completion_tokens += tokens.count_text(call.model, text)
+                record.append_text(text)
+                count = counted.get(text)
+                if count is None:
+                    count = tokens.count_text(call.model, text)
+                    if len(text) <= 32 and len(counted) < 4096:
+                        counted[text] = count
+                record.completion_tokens += count
                 if record.ttft_s is None:
                     record.ttft_s = time.perf_counter() - started
                 self.emit(TextDelta(record, text))
@@ -187,10 +194,12 @@ class Engine:
                 self._fail(call, record, str(exc), started)
                 return
             except Exception as exc:  # never let one call's surprise end the layer
-                key = call.provider.api_key()  # the traceback's text is scrubbed of it too
-                trace = client.redact("".join(traceback.format_exception(exc)), key)
+                def scrub(text: str) -> str:  # the traceback's text is scrubbed of secrets too
+                    return client.scrub(text, call.provider, urls[call.provider.name])
+
+                trace = scrub("".join(traceback.format_exception(exc)))
                 log.error("unexpected error in call %s\n%s", record.model, trace.rstrip())
-                error = client.redact(f"{type(exc).__name__}: {exc}", key)
+                error = scrub(f"{type(exc).__name__}: {exc}")
                 self._fail(call, record, f"unexpected error: {error}", started)
                 return
             record.latency_s = time.perf_counter() - started

@@ -217,6 +217,8 @@ def build_plan(
             f"min_ok is {plan.settings.min_ok} but a layer has only "
             f"{min(len(layer) for layer in plan.layers)} proposers."
         )
+    for provider in plan.providers().values():
+        provider.url()  # a malformed MOA_<NAME>_BASE_URL fails here, before any request
     if check_keys:
         check_ready(plan)
     return plan

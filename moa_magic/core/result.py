@@ -101,6 +101,10 @@ class CallRecord:
         reported = (self.usage or {}).get("completion_tokens")
         return reported if isinstance(reported, int) else self.completion_tokens
 
+    def append_text(self, piece: str) -> None:
+        """Add a streamed delta in O(len(piece)): the text is joined when next read."""
+        self.__dict__.setdefault("_text_parts", []).append(piece)
+
     @property
     def label(self) -> str:
         return "aggregator" if self.role == "aggregator" else f"L{self.layer}.{self.index + 1}"
@@ -148,6 +152,22 @@ def failure_summary(records) -> str:
         who = ", ".join(names) + (f" ×{len(models)}" if len(models) > 1 else "")
         parts.append(f"{who}: {reason}")
     return "; ".join(parts)
+
+
+def _get_text(record: CallRecord) -> str:
+    parts = record.__dict__.setdefault("_text_parts", [])
+    if len(parts) > 1:
+        parts[:] = ["".join(parts)]
+    return parts[0] if parts else ""
+
+
+def _set_text(record: CallRecord, value: str) -> None:
+    record.__dict__["_text_parts"] = [value] if value else []
+
+
+# `text` stays a dataclass field (constructor argument, repr, equality, fields()) but is stored as
+# parts, so streaming 200k deltas into it is linear rather than quadratic.
+CallRecord.text = property(_get_text, _set_text)
 
 
 @dataclass

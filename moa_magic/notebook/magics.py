@@ -85,21 +85,31 @@ def interpolate(text: str, namespace: Mapping) -> str:
             )
         value = namespace[head]
         path = head
-        for attr in attrs:
-            if attr.startswith("_"):
-                raise UsageError(
-                    f"{{{{{expr}}}}}: attributes starting with '_' are not allowed in a prompt."
-                )
-            if hasattr(value, attr):
-                value = getattr(value, attr)
-            elif isinstance(value, Mapping) and attr in value:
-                value = value[attr]
-            else:
-                raise UsageError(
-                    f"{{{{{expr}}}}}: {path} ({type(value).__name__}) has no attribute or key {attr!r}."
-                )
-            path += f".{attr}"
-        return str(value)
+        try:  # a property, a mapping's lookup or __str__ is the user's code: it may raise
+            for attr in attrs:
+                if attr.startswith("_"):
+                    raise UsageError(
+                        f"{{{{{expr}}}}}: attributes starting with '_' are not allowed in a prompt."
+                    )
+                if hasattr(value, attr):
+                    value = getattr(value, attr)
+                elif isinstance(value, Mapping) and attr in value:
+                    value = value[attr]
+                else:
+                    raise UsageError(
+                        f"{{{{{expr}}}}}: {path} ({type(value).__name__}) has no attribute or key "
+                        f"{attr!r}."
+                    )
+                path += f".{attr}"
+            return str(value)
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of user code is one line
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise UsageError(
+                f"{{{{{expr}}}}}: reading {path} or turning it into text failed ({reason[:200]}). "
+                f"Fix it, or put the text you want in a variable."
+            ) from None
 
     return _PLACEHOLDER.sub(substitute, text)
 

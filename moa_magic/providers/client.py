@@ -1,7 +1,10 @@
 """The one HTTP client: OpenAI-compatible chat completions over aiohttp, always streaming (SSE).
 
 Every provider, the embedded local model included, goes through `stream_chat`. It knows nothing of
-layers or widgets: it turns one request into text deltas, reported usage and a clear error.
+layers or widgets: it turns one request into text deltas, reported usage and a clear error. The
+HTTP plumbing (session, proxies, credentials, redirects, body limits) is `http.py`; the event
+stream parser is `sse.py`. Everything read from the wire is untrusted: text is made valid Unicode
+(no lone surrogates, which no encoder accepts) before it reaches any listener, record or message.
 """
 
 from __future__ import annotations
@@ -15,20 +18,49 @@ import random
 import re
 import socket
 import time
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import aiohttp
 
-from ..config import Provider, RunSettings
+from ..config import Provider, RunSettings, redact_url
+from . import http
+from .http import _sessions, close_session, session  # noqa: F401 - the runner and tests use these
+from .sse import EventStream, EventTooLarge
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 # A run of this many characters of the key in a server message is scrubbed (see `redact`).
 KEY_FRAGMENT = 10
-_sessions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A whole (non-streamed) reply may be this large; error bodies are read up to ERROR_BODY_MAX.
+BODY_MAX = 32 * 2**20
+ERROR_BODY_MAX = 64 * 2**10
+# One SSE event (or an unfinished line) may be this large.
+EVENT_MAX = 8 * 2**20
 # Servers that refused `stream_options` once are not sent it again (keyed by base URL).
 _no_stream_options: set[str] = set()
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def wire_safe(text: str) -> str:
+    """`text` with lone surrogates (valid JSON, `"\\ud800"`, but not encodable) replaced by U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _wire_safe_value(value):
+    """A JSON value (e.g. a server's `usage`) with every string made `wire_safe`."""
+    if isinstance(value, str):
+        return wire_safe(value)
+    if isinstance(value, dict):
+        return {wire_safe(str(k)): _wire_safe_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_wire_safe_value(v) for v in value]
+    return value
 
 
 class CallError(Exception):
@@ -36,7 +68,7 @@ class CallError(Exception):
 
     def __init__(self, message: str, retryable: bool = False, retry_after: float | None = None,
                  status: int | None = None):
-        super().__init__(message)
+        super().__init__(wire_safe(message))
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
@@ -44,32 +76,24 @@ class CallError(Exception):
 
 @dataclass
 class Reply:
-    text: str = ""
+    """What one call brought back. The text is kept as its deltas, joined when read (linear)."""
+
+    parts: list[str] = field(default_factory=list)
     usage: dict | None = None
     finish_reason: str | None = None
     attempts: int = 0
     saw_choices: bool = False
 
+    @property
+    def text(self) -> str:
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
 
-def session() -> aiohttp.ClientSession:
-    """The session of the running loop: one per loop, reused across calls and runs (keep-alive)."""
-    loop = asyncio.get_running_loop()
-    current = _sessions.get(loop)
-    if current is None or current.closed:
-        current = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, enable_cleanup_closed=True),
-            timeout=aiohttp.ClientTimeout(total=None),
-            headers={"User-Agent": "moa-magic"},
-        )
-        _sessions[loop] = current
-    return current
-
-
-async def close_session() -> None:
-    """Close the running loop's session, letting TLS connections shut down."""
-    current = _sessions.pop(asyncio.get_running_loop(), None)
-    if current is not None and not current.closed:
-        await current.close()
+    def reset(self) -> None:
+        """Forget a failed attempt's output before the next one."""
+        self.parts, self.usage, self.finish_reason = [], None, None
+        self.saw_choices = False
 
 
 def _server_message(status: int, body: str) -> str:
@@ -120,6 +144,19 @@ def redact(text: str, key: str | None) -> str:
         out.append(text[last:begin] + "***")
         last = end
     return "".join(out) + text[last:]
+
+
+def secrets(provider: Provider, base_url: str) -> list[str]:
+    """What must never be shown for this call: the API key and a password in the base URL."""
+    _, password, _ = http.split_credentials(base_url)
+    return [s for s in (provider.api_key(), password) if s]
+
+
+def scrub(text: str, provider: Provider, base_url: str) -> str:
+    """`text` with every secret of the call redacted, and URLs shown without credentials."""
+    for secret in secrets(provider, base_url):
+        text = redact(text, secret)
+    return text
 
 
 def _retry_after(headers) -> float | None:
@@ -177,7 +214,7 @@ async def stream_chat(
             )
         except CallError as exc:
             error = exc
-            scrubbed = redact(str(exc), provider.api_key())
+            scrubbed = scrub(str(exc), provider, base_url)
             if scrubbed != str(exc):
                 error = CallError(scrubbed, exc.retryable, exc.retry_after, exc.status)
         if error.retryable and health is not None:
@@ -189,18 +226,25 @@ async def stream_chat(
                 raise CallError(f"{error} (gave up after {attempt} attempts)", status=error.status)
             raise error
         delay = backoff_delay(attempt - 1, settings, error.retry_after)
-        reply.text, reply.usage, reply.finish_reason = "", None, None
-        reply.saw_choices = False
+        reply.reset()
         if on_retry is not None:
             on_retry(attempt, str(error), delay)
         await asyncio.sleep(delay)
 
 
 async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -> Reply:
-    url = f"{base_url}/chat/completions"
+    plain_url, _, basic = http.split_credentials(base_url)
+    shown_url = redact_url(base_url)
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     key = provider.api_key()
+    if basic is not None:
+        headers["Authorization"] = basic
     if key:
+        if basic is not None:
+            raise CallError(
+                f"{provider.name}: base_url {shown_url} carries a user name and password and "
+                f"{provider.api_key_env} holds an API key; only one can be sent. Remove one of them."
+            )
         headers["Authorization"] = f"Bearer {key}"
     payload = dict(body, stream=True)
     with_options = base_url not in _no_stream_options
@@ -211,12 +255,15 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
     )
     try:
         response = await asyncio.wait_for(
-            session().post(url, json=payload, headers=headers, timeout=timeout),
+            http.post(f"{plain_url}/chat/completions", json=payload, headers=headers,
+                      timeout=timeout),
             settings.first_byte_timeout,
         )
+    except http.CrossOriginRedirect as exc:
+        raise CallError(f"{provider.name}: {exc}") from None
     except aiohttp.ServerTimeoutError:  # raised by aiohttp for connect/sock_connect; a TimeoutError too
         raise CallError(
-            f"cannot connect to {base_url} ({provider.name}) within {settings.connect_timeout:g} s "
+            f"cannot connect to {shown_url} ({provider.name}) within {settings.connect_timeout:g} s "
             f"(connect_timeout)", retryable=True
         ) from None
     except asyncio.TimeoutError:
@@ -226,7 +273,7 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         ) from None
     except aiohttp.ClientConnectorError as exc:
         raise CallError(
-            f"cannot connect to {base_url} ({provider.name}): {_os_reason(exc)}"
+            f"cannot connect to {shown_url} ({provider.name}): {_os_reason(exc)}"
             + (f" — is the server running? {provider.start_hint}".rstrip() if provider.local else ""),
             retryable=True,
         ) from None
@@ -234,7 +281,7 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         raise CallError(f"connection to {provider.name} failed: {exc}", retryable=True) from None
     async with response:
         if response.status != 200:
-            text = await _read_text(response, settings)
+            text = await _read_text(response, settings, ERROR_BODY_MAX)
             message = _server_message(response.status, text)
             if with_options and response.status in (400, 422) and "stream_options" in text:
                 # Some servers reject stream_options; retry once without and remember.
@@ -258,12 +305,13 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         if kind == "text/event-stream":
             await _read_stream(response, provider, settings, on_delta, reply)
         elif kind == "application/json":
-            _read_whole(await _read_text(response, settings), provider, on_delta, reply)
+            text = await _read_text(response, settings, BODY_MAX, whole=True)
+            _read_whole(text, provider, on_delta, reply)
         else:
-            snippet = _server_message(200, await _read_text(response, settings))
+            snippet = _server_message(200, await _read_text(response, settings, ERROR_BODY_MAX))
             raise CallError(
                 f"{provider.name} answered with {kind or 'no content type'}, not a chat-completions "
-                f"stream (is base_url {base_url} right?): {snippet[:200]}"
+                f"stream (is base_url {shown_url} right?): {snippet[:200]}"
             )
     return reply
 
@@ -277,12 +325,21 @@ def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
     return getattr(error, "strerror", None) or str(exc)
 
 
-async def _read_text(response, settings) -> str:
+async def _read_text(response, settings, limit: int, whole: bool = False) -> str:
+    """The body as text. An error body is only quoted, so it is cut at `limit`; a reply that is
+    the answer (`whole`) past `limit` is an error, and so is one that stalls or breaks."""
     try:
-        raw = await asyncio.wait_for(response.content.read(1 << 20), settings.chunk_timeout)
-    except (asyncio.TimeoutError, aiohttp.ClientError):
-        return ""
-    return raw.decode("utf-8", "replace")
+        raw = await http.read_body(response, limit, settings.chunk_timeout)
+    except http.BodyTooLarge as exc:
+        if whole:
+            raise CallError(f"the reply is too large to read ({exc})") from None
+        raw = b""
+    except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+        if whole:
+            raise CallError(f"the reply broke off while being read: {exc or 'timeout'}",
+                            retryable=True) from None
+        raw = b""
+    return wire_safe(raw.decode("utf-8", "replace"))
 
 
 def _read_whole(text: str, provider, on_delta, reply: Reply) -> None:
@@ -296,27 +353,32 @@ def _read_whole(text: str, provider, on_delta, reply: Reply) -> None:
     if data.get("error"):
         raise CallError(f"{provider.name} reported an error: {_server_message(200, text)}")
     choices = data.get("choices") or []
-    if not choices:
+    if not choices or not isinstance(choices[0], dict):
         raise CallError(f"{provider.name} sent a reply with no choices: {text[:200]!r}")
     message = choices[0].get("message") or {}
-    content = message.get("content") or ""
-    reply.finish_reason = choices[0].get("finish_reason")
+    content = message.get("content") if isinstance(message, dict) else None
+    reply.finish_reason = _finish_reason(choices[0])
     if isinstance(data.get("usage"), dict):
-        reply.usage = data["usage"]
-    if content:
-        reply.text += content
+        reply.usage = _wire_safe_value(data["usage"])
+    if isinstance(content, str) and content:
+        content = wire_safe(content)
+        reply.parts.append(content)
         on_delta(content)
 
 
+def _finish_reason(choice: dict) -> str | None:
+    reason = choice.get("finish_reason")
+    return wire_safe(str(reason)) if reason else None
+
+
 async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> None:
-    """Server-sent events: `data:` lines until `[DONE]`; comments, event names and blanks ignored."""
-    data_lines: list[str] = []
-    done = False
+    """Server-sent events (see `sse.py`): chat chunks until `[DONE]`."""
+    events = EventStream(EVENT_MAX)
     first = True
-    while not done:
+    while True:
         limit = settings.first_byte_timeout if first else settings.chunk_timeout
         try:
-            raw = await asyncio.wait_for(response.content.readline(), limit)
+            raw = await asyncio.wait_for(response.content.readany(), limit)
         except asyncio.TimeoutError:
             which = "first_byte_timeout" if first else "chunk_timeout"
             raise CallError(
@@ -324,28 +386,18 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise CallError(f"{provider.name} stream broke: {exc}", retryable=True) from None
-        except (ValueError, aiohttp.http_exceptions.HttpProcessingError):  # LineTooLong
-            raise CallError(f"{provider.name} sent a stream line too long to read") from None
         first = False
-        if not raw:  # end of body
-            if data_lines:
-                done = _handle_event("\n".join(data_lines), provider, on_delta, reply)
+        if not raw:  # end of body; an event without its closing blank line is discarded (spec)
             break
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if line.startswith(":"):
-            continue
-        if not line:
-            if data_lines:
-                payload, data_lines = "\n".join(data_lines), []
-                done = _handle_event(payload, provider, on_delta, reply)
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            data_lines.append(value[1:] if value.startswith(" ") else value)
-    if done:
-        if not reply.saw_choices:
-            raise CallError(f"{provider.name} sent a stream with no choices")
-        return
+        try:
+            batch = events.feed(raw)
+        except EventTooLarge as exc:
+            raise CallError(f"{provider.name} sent {exc}, more than a reply can hold") from None
+        for event in batch:
+            if _handle_event(event.data, event.type, provider, on_delta, reply):
+                if not reply.saw_choices:
+                    raise CallError(f"{provider.name} sent a stream with no choices")
+                return
     if reply.finish_reason is not None:
         return  # complete reply, only the closing [DONE] is missing: keep it
     raise CallError(
@@ -354,32 +406,41 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
     )
 
 
-def _handle_event(payload: str, provider, on_delta, reply: Reply) -> bool:
-    """One SSE data payload; True at `[DONE]`."""
+def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> bool:
+    """One SSE event; True at `[DONE]`. Events of a type other than "message" carry no text: only
+    an error in one counts."""
     if payload.strip() == "[DONE]":
         return True
     try:
         chunk = json.loads(payload)
     except ValueError:
+        if kind != "message":
+            return False
         raise CallError(f"{provider.name} sent a malformed chunk: {payload[:120]!r}") from None
     if not isinstance(chunk, dict):
+        if kind != "message":
+            return False
         raise CallError(f"{provider.name} sent a chunk that is not an object: {payload[:120]!r}")
     if chunk.get("error"):
         raise CallError(
             f"{provider.name} reported an error mid-stream: {_server_message(200, payload)}",
             retryable=False,
         )
+    if kind != "message":
+        return False
     if isinstance(chunk.get("usage"), dict):
-        reply.usage = chunk["usage"]
-    for choice in chunk.get("choices") or []:
+        reply.usage = _wire_safe_value(chunk["usage"])
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue
         reply.saw_choices = True
-        delta = choice.get("delta") or {}
+        delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
-        if content:
-            reply.text += content
+        if content and isinstance(content, str):
+            content = wire_safe(content)
+            reply.parts.append(content)
             on_delta(content)
         if choice.get("finish_reason"):
-            reply.finish_reason = choice["finish_reason"]
+            reply.finish_reason = _finish_reason(choice)
     return False

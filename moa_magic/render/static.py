@@ -53,8 +53,10 @@ def _link_ok(url: str) -> bool:
 
 
 def md_safe(text: str) -> str:
-    """Markdown source that cannot produce raw HTML or an unsafe link in any Markdown renderer."""
-    text = text.replace("<", "&lt;")
+    """Markdown source that cannot produce raw HTML, an image or an unsafe link in any renderer."""
+    from .sanitize import no_images_markdown
+
+    text = no_images_markdown(text.replace("<", "&lt;"))
     text = _INLINE_DEST.sub(lambda m: m.group(0) if _link_ok(m.group(1)) else "]\\" + m.group(0)[1:], text)
     return _REF_DEF.sub(
         lambda m: m.group(0) if _link_ok(m.group(3)) else f"{m.group(1)}\\[{m.group(0)[len(m.group(1)) + 1:]}",

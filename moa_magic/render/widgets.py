@@ -23,10 +23,16 @@ widget is written at most once per `interval` (50 ms → ≤ 20 updates/s per wi
 push is costly: at least 10× its render+send time) by the event itself or by a small flusher thread
 that also ticks the elapsed time, and always at once with the final state on CallFinished /
 CallFailed / RunFinished. One lock serializes all widget writes.
+
+Widgets live in the kernel until closed. A process keeps the last LIVE_TREES trees live (clickable);
+when a newer tree would exceed that, the oldest finished one is disposed: its widgets (with their
+layouts and styles) are closed and its run dropped, so 500 runs hold as many widgets as 20. The
+static rendition the magic prints after each tree stays in the notebook.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -46,6 +52,9 @@ if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
 
 INTERVAL_S = 0.05
+LIVE_TREES = 20
+_live_trees: collections.deque = collections.deque()
+_live_lock = threading.Lock()
 NODE_TEXT_MAX_HEIGHT = "14em"
 # Our own constant CSS (no model text): tighter nodes, normal line height, a marked final answer.
 TREE_CSS = """<style>
@@ -157,6 +166,8 @@ class TreeRenderer:
         )
         self.widget = w.VBox([w.HTML(TREE_CSS), self.header, *self.layer_sections, self.final.section])
         self.widget.add_class("moa-tree")
+        self._disposed = False
+        _keep_live(self)
 
     @classmethod
     def for_plan(cls, plan: Plan, **kwargs) -> TreeRenderer:
@@ -201,6 +212,8 @@ class TreeRenderer:
     def __call__(self, event: Event) -> None:
         now = time.perf_counter()
         with self._lock:
+            if self._disposed:
+                return
             if isinstance(event, RunStarted):
                 self._bind(event.result)
                 self._t0 = now
@@ -240,9 +253,23 @@ class TreeRenderer:
     def close(self, status: str | None = None) -> None:
         """Stop the ticker and write the final state; `status` overrides the header's status."""
         with self._lock:
+            if self._disposed:
+                return
             if status is not None:
                 self._status_override = status
             self._finish()
+        self._join_flusher()
+
+    def dispose(self) -> None:
+        """Close every widget of the tree (their views vanish) and drop the run it showed."""
+        with self._lock:
+            self._stop.set()
+            self._closed = self._disposed = True
+            for widget in _with_parts(self.widget):
+                widget.close()
+            self._result = None
+            for node in [*self.nodes.values(), self.final]:
+                node.record = None
         self._join_flusher()
 
     # --- internals (callers hold the lock) --------------------------------------------------------
@@ -322,7 +349,7 @@ class TreeRenderer:
     def _flush(self) -> None:
         now = time.perf_counter()
         with self._lock:
-            if self._closed:
+            if self._closed or self._disposed:
                 return
             for node in [*self.nodes.values(), self.final]:
                 if node.dirty and node.due(now, self.interval):
@@ -369,3 +396,29 @@ class TreeRenderer:
         flusher = self._flusher
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=1.0)
+
+
+def _with_parts(widget):
+    """`widget`, its layout and style, and the same for all its children, depth first."""
+    yield widget
+    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
+        if part is not None:
+            yield part
+    for child in getattr(widget, "children", ()):
+        yield from _with_parts(child)
+
+
+def _keep_live(tree: TreeRenderer) -> None:
+    """Register a new tree; dispose of the oldest finished trees beyond LIVE_TREES."""
+    with _live_lock:
+        _live_trees.append(tree)
+        retired = []
+        for old in list(_live_trees):
+            if len(_live_trees) - len(retired) <= LIVE_TREES:
+                break
+            if old._closed:
+                retired.append(old)
+        for old in retired:
+            _live_trees.remove(old)
+    for old in retired:
+        old.dispose()
