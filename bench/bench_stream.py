@@ -13,7 +13,6 @@ by string concatenation made it quadratic (200k deltas took ~24 s).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics

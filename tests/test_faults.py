@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 import moa_magic
-from moa_magic.providers import client
+from moa_magic.providers import client, http
 from moa_magic.config import RunSettings
 from moa_magic.errors import MoaUserError, RunFailed
 from moa_magic.core.events import CallRetrying, TextDelta
@@ -632,7 +632,7 @@ async def _other_tasks():
 
 
 async def _acquired_connections():
-    session = client._sessions.get(asyncio.get_running_loop())
+    session = http._sessions.get(asyncio.get_running_loop())
     return len(session.connector._acquired) if session is not None else 0
 
 
@@ -676,7 +676,7 @@ def test_after_an_interrupt_nothing_is_left_behind(chat_server, configure, phase
     assert set(threading.enumerate()) == threads
     assert not [c for c in _client_sockets(chat_server.port) if c.status == "CLOSE_WAIT"]
     # Closing the session must leave no socket of ours to the server: none lived outside it.
-    asyncio.run_coroutine_threadsafe(client.close_session(), loop).result(2)
+    asyncio.run_coroutine_threadsafe(http.close_session(), loop).result(2)
     deadline = time.monotonic() + 2
     while _client_sockets(chat_server.port) and time.monotonic() < deadline:
         time.sleep(0.02)

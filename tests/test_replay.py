@@ -14,8 +14,8 @@ from IPython.core.error import UsageError
 
 import moa_magic
 from chat_server import Reply
-from moa_magic.core.events import CallFinished, CallStarted, RunFinished, RunStarted, TextDelta
-from moa_magic.errors import MoaUserError, RunFailed
+from moa_magic.core.events import RunStarted
+from moa_magic.errors import MoaUserError
 from moa_magic.render.widgets import TreeRenderer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from chat_server import Reply
-from moa_magic.providers import client
+from moa_magic.providers import http
 from moa_magic.core import runner
 from moa_magic.render.widgets import TreeRenderer
 
@@ -102,7 +102,7 @@ def _client_sockets(port: int) -> list:
 
 
 def _close_session() -> None:
-    asyncio.run_coroutine_threadsafe(client.close_session(), runner.worker.loop()).result(5)
+    asyncio.run_coroutine_threadsafe(http.close_session(), runner.worker.loop()).result(5)
     time.sleep(0.05)
 
 

@@ -12,17 +12,16 @@ import time
 import traceback
 from typing import Iterable
 
+from ..accounting.meter import Meter
 from ..providers import client, limits
 from . import method
-from ..accounting import prices, tokens
-from ..config import Provider
 from .events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
     RunFinished, RunStarted, TextDelta, emit,
 )
 from ..providers.cache import CachedReply, CallCache, origin, request_key
 from .plan import ModelCall, Plan
-from .result import CallRecord, MoaResult, failure_summary
+from .result import CallRecord, MoaResult, Status, failure_summary
 
 log = logging.getLogger("moa_magic")
 
@@ -33,7 +32,7 @@ def new_result(plan: Plan, prompt: str) -> MoaResult:
     def record(call: ModelCall, layer: int, index: int, role: str) -> CallRecord:
         return CallRecord(
             layer=layer, index=index, model=call.spec, role=role, temperature=call.temperature,
-            max_tokens=call.max_tokens, seed=call.seed, tokens_approx=tokens.is_approximate(call.model),
+            max_tokens=call.max_tokens, seed=call.seed,
         )
 
     return MoaResult(
@@ -51,14 +50,14 @@ def new_result(plan: Plan, prompt: str) -> MoaResult:
 
 
 class Engine:
-    """Runs one plan. `user_prices` are the config file's `[prices]`, which win over bundled data."""
+    """Runs one plan, and only schedules: the meter (accounting/meter.py), its first listener,
+    counts and prices every call. `user_prices` are the config's `[prices]`, which win."""
 
     def __init__(self, plan: Plan, prompt: str, listeners: Iterable[Listener] = (),
                  user_prices: dict | None = None, cache: CallCache | None = None):
         self.plan = plan
         self.cache = cache
-        self.listeners = list(listeners)
-        self.user_prices = user_prices or {}
+        self.listeners = [Meter(plan, user_prices), *listeners]
         # Created up front and filled in place: whoever holds it sees a partial run after a failure.
         self.result = new_result(plan, prompt)
         self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
@@ -84,12 +83,12 @@ class Engine:
                 self.emit(LayerFinished(number, records))
                 succeeded = [r for r in records if r.ok]
                 if len(succeeded) < plan.settings.min_ok:
-                    result.aggregator.status = "skipped"
+                    result.aggregator.status = Status.SKIPPED
                     for later in result.layers[number:]:
                         for r in later:
-                            r.status = "skipped"
+                            r.status = Status.SKIPPED
                     failures = failure_summary(r for r in records if not r.ok)
-                    result.status = "failed"
+                    result.status = Status.FAILED
                     result.error = (
                         f"layer {number}: {len(succeeded)} of {len(records)} proposers succeeded, "
                         f"fewer than min_ok={plan.settings.min_ok}; no aggregator call. {failures}"
@@ -101,27 +100,25 @@ class Engine:
             result.layer_seconds.append(time.perf_counter() - layer_start)
             self.emit(LayerFinished(len(plan.layers) + 1, [result.aggregator]))
             if result.aggregator.ok:
-                result.status = "done"
+                result.status = Status.DONE
             else:
-                result.status = "failed"
+                result.status = Status.FAILED
                 result.error = f"aggregator {result.aggregator.model} failed: {result.aggregator.error}"
             return result
         except asyncio.CancelledError:
-            result.status = "cancelled"
+            result.status = Status.CANCELLED
             result.error = "interrupted"
-            for call, record in zip(plan.calls(), result.calls()):
-                if record.status == "streaming":  # sent: billed for what it streamed
-                    self._bill_partial(call, record)
-                if record.status in ("waiting", "streaming"):
-                    record.status = "cancelled"
+            for record in result.calls():  # the meter bills what was sent, at RunFinished
+                if record.status in Status.PENDING:
+                    record.status = Status.CANCELLED
             raise
         except Exception as exc:
             # Setup failures (e.g. the local server does not start) end the run, never the kernel.
-            result.status = "failed"
+            result.status = Status.FAILED
             result.error = str(exc) or type(exc).__name__
             for record in result.calls():
-                if record.status == "waiting":
-                    record.status = "skipped"
+                if record.status == Status.WAITING:
+                    record.status = Status.SKIPPED
             return result
         finally:
             result.elapsed_s = time.perf_counter() - started
@@ -163,35 +160,26 @@ class Engine:
         # one of the overall slots, which would keep other providers' calls waiting for nothing.
         async with per_provider[call.provider.name], overall:
             record.messages = messages
-            record.prompt_tokens = tokens.count_messages(call.model, messages)
-            record.status = "streaming"
+            record.status = Status.STREAMING
             record.started_at = time.time()
             started = time.perf_counter()
             self.emit(CallStarted(record))
 
-            counted: dict[str, int] = {}  # deltas repeat ("the", " a"): count each text once
-
             def on_delta(text: str) -> None:
                 record.append_text(text)
-                count = counted.get(text)
-                if count is None:
-                    count = tokens.count_text(call.model, text)
-                    if len(text) <= 32 and len(counted) < 4096:
-                        counted[text] = count
-                record.completion_tokens += count
                 if record.ttft_s is None:
                     record.ttft_s = time.perf_counter() - started
                 self.emit(TextDelta(record, text))
 
             def on_retry(attempt: int, reason: str, delay: float) -> None:
-                record.text, record.completion_tokens, record.ttft_s = "", 0, None
+                record.text, record.ttft_s = "", None
                 record.retries.append(reason)
                 self.emit(CallRetrying(record, attempt, reason, delay))
 
             try:
                 reply = await self._request(call, urls[call.provider.name], body, on_delta, on_retry)
             except client.CallError as exc:
-                self._fail(call, record, str(exc), started)
+                self._fail(record, str(exc), started)
                 return
             except Exception as exc:  # never let one call's surprise end the layer
                 def scrub(text: str) -> str:  # the traceback's text is scrubbed of secrets too
@@ -200,37 +188,27 @@ class Engine:
                 trace = scrub("".join(traceback.format_exception(exc)))
                 log.error("unexpected error in call %s\n%s", record.model, trace.rstrip())
                 error = scrub(f"{type(exc).__name__}: {exc}")
-                self._fail(call, record, f"unexpected error: {error}", started)
+                self._fail(record, f"unexpected error: {error}", started)
                 return
             record.latency_s = time.perf_counter() - started
             record.attempts = reply.attempts
             record.usage = reply.usage
             record.finish_reason = reply.finish_reason
-            record.completion_tokens = tokens.count_text(call.model, record.text)
-            self._price(call.provider, call.model, record)
-            await self._settle_cache(call, urls[call.provider.name], body, record, reply)
-            record.status = "done"
-            self.emit(CallFinished(record))
+            if isinstance(reply, CachedReply):
+                record.cached = True
+                record.original_cost_usd = reply.cost_usd
+                record.price_source = f"cached; first paid per {reply.price_source}"
+            record.status = Status.DONE
+            self.emit(CallFinished(record))  # the meter prices it first
+            if self.cache is not None and not record.cached:
+                await self._keep(call, urls[call.provider.name], body, record)
 
-    def _fail(self, call: ModelCall, record: CallRecord, error: str, started: float) -> None:
+    def _fail(self, record: CallRecord, error: str, started: float) -> None:
         record.latency_s = time.perf_counter() - started
-        record.status = "failed"
+        record.status = Status.FAILED
         record.error = error
         record.attempts = len(record.retries) + 1
-        self._bill_partial(call, record)
         self.emit(CallFailed(record))
-
-    def _bill_partial(self, call: ModelCall, record: CallRecord) -> None:
-        """A call that ended early is billed for what it streamed, or nothing before any output."""
-        if record.text:
-            self._price(call.provider, call.model, record)
-        else:
-            record.cost_usd, record.price_source = 0.0, "not billed (ended before any output)"
-
-    def _price(self, provider: Provider, model: str, record: CallRecord) -> None:
-        price = prices.price_for(provider, model, self.user_prices)
-        record.price_source = price.source
-        record.cost_usd = price.cost(record.input_tokens or 0, record.output_tokens)
 
     # --- the request cache (providers/cache.py) ---------------------------------------------------
 
@@ -250,21 +228,14 @@ class Engine:
             self._health.get(call.provider.name),
         )
 
-    async def _settle_cache(self, call: ModelCall, base_url: str, body: dict, record: CallRecord,
-                            reply) -> None:
-        """A served call costs $0 in this run, its first cost beside it; a fresh complete reply is kept."""
-        if isinstance(reply, CachedReply):
-            record.cached = True
-            record.original_cost_usd = reply.cost_usd
-            record.cost_usd = 0.0
-            record.price_source = f"cached; first paid per {reply.price_source}"
-        elif self.cache is not None:
-            key, endpoint = self._cache_key(call, base_url, body)
-            await self.cache.keep(key, call.spec, endpoint, {
-                "text": record.text, "usage": record.usage, "cost_usd": record.cost_usd,
-                "price_source": record.price_source, "finish_reason": record.finish_reason,
-                "latency_s": record.latency_s, "ttft_s": record.ttft_s,
-            })
+    async def _keep(self, call: ModelCall, base_url: str, body: dict, record: CallRecord) -> None:
+        """A fresh complete reply, priced by the meter, is kept for later runs."""
+        key, endpoint = self._cache_key(call, base_url, body)
+        await self.cache.keep(key, call.spec, endpoint, {
+            "text": record.text, "usage": record.usage, "cost_usd": record.cost_usd,
+            "price_source": record.price_source, "finish_reason": record.finish_reason,
+            "latency_s": record.latency_s, "ttft_s": record.ttft_s,
+        })
 
 
 async def _embedded_health() -> str | None:

@@ -58,10 +58,10 @@ class _WorkerLoop:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None or not thread.is_alive():
             return
-        from ..providers import client
+        from ..providers import http
 
         try:
-            asyncio.run_coroutine_threadsafe(client.close_session(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(http.close_session(), loop).result(timeout=5)
         except Exception:
             pass
         loop.call_soon_threadsafe(loop.stop)

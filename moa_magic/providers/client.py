@@ -25,7 +25,6 @@ import aiohttp
 
 from ..config import Provider, RunSettings, redact_url
 from . import http
-from .http import _sessions, close_session, session  # noqa: F401 - the runner and tests use these
 from .sse import EventStream, EventTooLarge
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}

@@ -1,0 +1,96 @@
+"""The meter: every call's tokens and cost, worked out from the engine's events.
+
+The engine schedules calls and reports what happened; the meter, always its first listener, turns
+that into figures on the call's record before any renderer hears of the event. So every kind of
+run that emits the same events (one prompt, a batch, a chat turn, a served request) is counted and
+billed the same way, by this one module.
+
+- CallStarted: the request's input tokens, counted from the exact messages sent.
+- TextDelta: output tokens grow live; a retry starts them again from 0.
+- CallFinished: output tokens counted once more on the whole text (exact where a token spans two
+  deltas), then priced (reported usage wins over counts, see `CallRecord.input_tokens`). A call
+  served from the cache costs $0 in this run (its first cost stays beside it).
+- CallFailed, and calls cut off by a cancel (at RunFinished): billed for what they streamed, or
+  nothing if no output came.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..core.events import (
+    CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished, RunStarted, TextDelta,
+)
+from ..core.result import Status
+from . import prices, tokens
+
+if TYPE_CHECKING:
+    from ..core.plan import ModelCall, Plan
+    from ..core.result import CallRecord
+
+NOT_BILLED = "not billed (ended before any output)"
+_DELTA_CACHE_LIMIT = 4096  # deltas repeat ("the", " a"): short ones are counted once
+
+
+class Meter:
+    """A listener that counts and prices the calls of one plan's runs."""
+
+    def __init__(self, plan: Plan, user_prices: dict | None = None):
+        self.user_prices = user_prices or {}
+        self._calls: dict[tuple[int, int], ModelCall] = {
+            (number, index): call
+            for number, layer in enumerate(plan.layers, start=1)
+            for index, call in enumerate(layer)
+        }
+        self._calls[(len(plan.layers) + 1, 0)] = plan.aggregator
+        self._delta_counts: dict[tuple[str, str], int] = {}
+
+    def _call(self, record: CallRecord) -> ModelCall:
+        return self._calls[(record.layer, record.index)]
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            for record in event.result.calls():
+                record.tokens_approx = tokens.is_approximate(self._call(record).model)
+        elif isinstance(event, CallStarted):
+            record = event.record
+            record.prompt_tokens = tokens.count_messages(self._call(record).model, record.messages)
+        elif isinstance(event, TextDelta):
+            event.record.completion_tokens += self._count_delta(event.record, event.text)
+        elif isinstance(event, CallRetrying):
+            event.record.completion_tokens = 0
+        elif isinstance(event, CallFinished):
+            record = event.record
+            record.completion_tokens = tokens.count_text(self._call(record).model, record.text)
+            if record.cached:
+                record.cost_usd = 0.0
+            else:
+                self._price(record)
+        elif isinstance(event, CallFailed):
+            self._bill_partial(event.record)
+        elif isinstance(event, RunFinished):
+            for record in event.result.calls():
+                if record.status == Status.CANCELLED and record.sent and record.cost_usd is None:
+                    self._bill_partial(record)
+
+    def _count_delta(self, record: CallRecord, text: str) -> int:
+        model = self._call(record).model
+        count = self._delta_counts.get((model, text))
+        if count is None:
+            count = tokens.count_text(model, text)
+            if len(text) <= 32 and len(self._delta_counts) < _DELTA_CACHE_LIMIT:
+                self._delta_counts[(model, text)] = count
+        return count
+
+    def _bill_partial(self, record: CallRecord) -> None:
+        """A call that ended early is billed for what it streamed, or nothing before any output."""
+        if record.text:
+            self._price(record)
+        else:
+            record.cost_usd, record.price_source = 0.0, NOT_BILLED
+
+    def _price(self, record: CallRecord) -> None:
+        call = self._call(record)
+        price = prices.price_for(call.provider, call.model, self.user_prices)
+        record.price_source = price.source
+        record.cost_usd = price.cost(record.input_tokens or 0, record.output_tokens)
