@@ -110,7 +110,7 @@ def moa_preset() -> None:
     import moa_magic
 
     t0 = time.perf_counter()
-    result = moa_magic.run("Give three tips for teaching fractions.", preset="local")
+    result = moa_magic.run("Give three tips for teaching fractions.", preset="local", cache=False)
     wall = time.perf_counter() - t0
     out = sum(r.output_tokens for r in result.calls())
     print(f"local preset MoA ({result.shape}): wall {wall:.2f} s, {out} output tokens, "
