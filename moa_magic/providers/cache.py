@@ -144,6 +144,16 @@ class RequestCache:
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._lock = threading.Lock()
         self._db = None
+        self._thread = None
+
+    async def call(self, method, *args):
+        """`method(*args)` on this store's own thread: one connection needs no more, and runs stay
+        at a fixed thread count (asyncio's default pool would grow with the calls in flight)."""
+        if self._thread is None:
+            import concurrent.futures
+
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moa-cache")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, method, *args)
 
     def _connection(self):
         import sqlite3
@@ -295,7 +305,7 @@ class CallCache:
 
     async def serve(self, key: str, on_delta: Callable[[str], None]) -> CachedReply | None:
         try:
-            hit = await asyncio.to_thread(self.store.get, key)
+            hit = await self.store.call(self.store.get, key)
         except Exception as exc:  # a broken cache is a miss, never a failed call
             self._warn("read", exc)
             return None
@@ -310,7 +320,7 @@ class CallCache:
 
     async def keep(self, key: str, model: str, endpoint: str, reply: dict) -> None:
         try:
-            await asyncio.to_thread(self.store.put, key, model, endpoint, reply)
+            await self.store.call(self.store.put, key, model, endpoint, reply)
         except Exception as exc:
             self._warn("write", exc)
 
