@@ -39,6 +39,7 @@ TURN_ROLES = ("user", "assistant")
 CANCEL_WAIT_S = 1.0
 
 log = logging.getLogger("moa_magic.serve")
+LOG_LINE = web.RequestKey("moa_log_line", str)  # what the request's log line says of its run
 
 
 class ApiError(Exception):
@@ -213,9 +214,10 @@ class MoaServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (`port` 0 picks a free one)."""
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                                    shutdown_timeout=CANCEL_WAIT_S)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, shutdown_timeout=CANCEL_WAIT_S).start()
+        await web.TCPSite(self.runner, host, port).start()
         return self.runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -230,7 +232,7 @@ class MoaServer:
     async def _edge(self, request: web.Request, handler):
         """Bearer token, OpenAI-shaped errors for everything, one log line per request."""
         started = time.perf_counter()
-        request["moa_log"] = ""
+        request[LOG_LINE] = ""
         response = None
         try:
             if self.token and not hmac.compare_digest(
@@ -246,7 +248,7 @@ class MoaServer:
                                 code=str(exc.status)).response()
         finally:  # 499: the client left before the reply
             log.info("%s %s %s%s · wall %.3fs", request.method, request.path,
-                     499 if response is None else response.status, request["moa_log"],
+                     499 if response is None else response.status, request[LOG_LINE],
                      time.perf_counter() - started)
         return response
 
@@ -264,7 +266,7 @@ class MoaServer:
         except ValueError:
             raise ApiError(400, "the request body is not valid JSON") from None
         chat = parse_request(body, self.served, request.headers.get(OMIT_HEADER))
-        request["moa_log"] = f" · preset {chat.preset}"
+        request[LOG_LINE] = f" · preset {chat.preset}"
         plan, cfg = self._plan(chat)
         from .core import runner
         from .core.events import CallRetrying, CallStarted, RunFinished, TextDelta
@@ -297,7 +299,7 @@ class MoaServer:
             result = engine.result
             from .accounting.totals import Totals
 
-            request["moa_log"] += f" · {result.status} · {Totals.of(result.calls()).text()}"
+            request[LOG_LINE] += f" · {result.status} · {Totals.of(result.calls()).text()}"
         return await reply.finish(result, broken)
 
     def _plan(self, chat: ChatRequest):
