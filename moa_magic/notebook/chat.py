@@ -24,7 +24,7 @@ def with_chat_options(func):
     return magic_arguments.argument(
         "--chat", nargs="?", const=DEFAULT_NAME, metavar="NAME",
         help=f"continue the conversation NAME (default {DEFAULT_NAME!r}): every call sees the "
-             f"earlier turns, the final answer becomes the assistant turn; see %moa chat",
+             f"earlier turns, the final answer becomes the assistant turn; see %%moa chat",
     )(func)
 
 
