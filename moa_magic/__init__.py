@@ -9,6 +9,7 @@ _LAZY = {
     "run": "core.runner",
     "arun": "core.runner",
     "last_result": "core.runner",
+    "Chat": "core.chat",
     "load_config": "config",
     "load": "core.load",
     "replay": "core.replay",

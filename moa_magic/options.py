@@ -44,3 +44,11 @@ def run_options(namespace, **defaults) -> dict:
 SAVE_OPTION = (("--save",), dict(metavar="PATH",
                                  help="also write the run (with its timings) to PATH as JSON, for "
                                       "moa_magic.load() and `moa replay` / `%%moa replay`"))
+
+# Conversations (`%%moa --chat`, `moa chat`): bounds on the history every turn carries.
+CHAT_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
+    (("--max-history-turns",), dict(type=int, metavar="N",
+                                    help="keep at most N earlier turns; the oldest are dropped (and said so)")),
+    (("--max-history-tokens",), dict(type=int, metavar="N",
+                                     help="keep earlier turns within N tokens; the oldest are dropped (and said so)")),
+]

@@ -393,6 +393,6 @@ def test_moa_help_and_version(shell):
 def test_unknown_subcommand(shell):
     error, _ = run_error(shell, "%moa frobnicate")
     assert type(error) is UsageError
-    assert str(error).startswith("Unknown %moa command 'frobnicate'; valid: list, show, last, usage, cache, replay, help, version.")
+    assert str(error).startswith("Unknown %moa command 'frobnicate'; valid: list, show, last, usage, cache, replay, chat, help, version.")
     error, _ = run_error(shell, "%moa --preset fake what is this")
     assert "%%moa [options] on the first line" in str(error)

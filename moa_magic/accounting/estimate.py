@@ -6,7 +6,8 @@ plan, the tokenizer (`tokens.py`) and the price table (`prices.py`) only.
 What the numbers mean, per call:
 
 * **Layer 1 input is exact**: `tokens.count_messages` of the very messages the engine will send
-  (`method.with_references(method.conversation(prompt, call.system), template, [])`), i.e. the
+  (`method.with_references(method.conversation(prompt, call.system, history), template, [])`,
+  earlier turns of a conversation included), i.e. the
   same count the engine records as the call's `prompt_tokens`.
 * **Later layers' input is a range.** The messages of a call in layer k > 1 are the conversation
   with the aggregate-and-synthesize block (`method.references_block`) holding the previous layer's
@@ -311,10 +312,12 @@ def _call_estimate(call: ModelCall, label: str, messages_min: list[dict], messag
     )
 
 
-def estimate_plan(plan: Plan, prompt: str, user_prices: dict | None = None) -> Estimate:
+def estimate_plan(plan: Plan, prompt: str, user_prices: dict | None = None,
+                  history=()) -> Estimate:
     """Token and cost bounds of every call of `plan` for `prompt`, per layer. Sends nothing.
 
-    `user_prices` is `Config.prices`. See the module docstring for what min and max mean.
+    `user_prices` is `Config.prices`; `history` a conversation's earlier turns, which every call
+    carries (layer 1's exact input counts them). See the module docstring for what min and max mean.
     """
     min_ok = max(1, plan.settings.min_ok)
     layers: list[LayerEstimate] = []
@@ -324,7 +327,7 @@ def estimate_plan(plan: Plan, prompt: str, user_prices: dict | None = None) -> E
         estimates = []
         for index, call in enumerate(calls):
             label = "aggregator" if role == "aggregator" else f"L{number}.{index + 1}"
-            conversation = method.conversation(prompt, call.system)
+            conversation = method.conversation(prompt, call.system, history)
             if not previous:
                 messages = method.with_references(conversation, plan.template, [])
                 estimates.append(_call_estimate(call, label, messages, messages, 0, True, user_prices))

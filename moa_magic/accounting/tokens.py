@@ -229,6 +229,11 @@ def count_messages(model: str, messages: list[dict]) -> int:
     return total
 
 
+def count_history(model: str, messages: list[dict]) -> int:
+    """What earlier turns add to every later call's input: their messages, without the reply priming."""
+    return count_messages(model, messages) - REPLY_PRIMING if messages else 0
+
+
 def _texts(value: Any) -> list[str]:
     if value is None:
         return []

@@ -54,12 +54,13 @@ class Engine:
     counts and prices every call. `user_prices` are the config's `[prices]`, which win."""
 
     def __init__(self, plan: Plan, prompt: str, listeners: Iterable[Listener] = (),
-                 user_prices: dict | None = None, cache: CallCache | None = None):
+                 user_prices: dict | None = None, cache: CallCache | None = None, history=()):
         self.plan = plan
         self.cache = cache
         self.listeners = [Meter(plan, user_prices), *listeners]
         # Created up front and filled in place: whoever holds it sees a partial run after a failure.
         self.result = new_result(plan, prompt)
+        self.result.history = [dict(m) for m in history]  # earlier turns of a conversation
         self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
 
     def emit(self, event: Event) -> None:
@@ -145,9 +146,8 @@ class Engine:
 
     async def _call(self, call: ModelCall, record: CallRecord, outputs: list[str], urls, limits) -> None:
         overall, per_provider = limits
-        messages = method.with_references(
-            method.conversation(self.result.prompt, call.system), self.plan.template, outputs
-        )
+        conversation = method.conversation(self.result.prompt, call.system, self.result.history)
+        messages = method.with_references(conversation, self.plan.template, outputs)
         body = {
             "model": call.model,
             "messages": messages,

@@ -65,6 +65,8 @@ def _result(data: dict) -> MoaResult:
     return MoaResult(
         prompt=str(data["prompt"]), preset=str(data["preset"]), shape=str(data["shape"]),
         template=str(data.get("aggregator_prompt") or ""), system=data.get("system"),
+        history=[{"role": str(m["role"]), "content": str(m["content"])}
+                 for m in data.get("history") or []],
         layers=[[_record(r) for r in layer] for layer in data["layers"]],
         aggregator=_record(data["aggregator"]), status=str(data["status"]), error=data.get("error"),
         started=float(data.get("started_at") or 0.0),

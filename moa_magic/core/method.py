@@ -23,9 +23,12 @@ def references_block(template: str, outputs: list[str]) -> str:
     return template + numbered
 
 
-def conversation(prompt: str, system: str | None = None) -> list[dict]:
-    """The user's conversation as layer 1 sees it: optional system prompt, then the user turn."""
+def conversation(prompt: str, system: str | None = None, history=()) -> list[dict]:
+    """The user's conversation as layer 1 sees it: optional system prompt, the earlier turns
+    (`history`: user/assistant messages, each earlier answer being that turn's final aggregated
+    answer, as in the authors' bot.py), then the new user turn."""
     messages = [{"role": "system", "content": system}] if system else []
+    messages.extend({"role": m["role"], "content": m["content"]} for m in history)
     messages.append({"role": "user", "content": prompt})
     return messages
 

@@ -186,6 +186,10 @@ class MoaResult:
     started: float = field(default_factory=time.time)
     elapsed_s: float = 0.0
     layer_seconds: list[float] = field(default_factory=list)
+    # a conversation's earlier turns (user/assistant messages) every call saw before `prompt`, and
+    # their size in the aggregator's tokens
+    history: list[dict] = field(default_factory=list)
+    history_tokens: int = 0
     replay_of: str | None = None  # set on a replay: what run it redraws, and when that ran
     # when each call started and streamed, for save() and replay (core/saved.py)
     timeline: Timeline | None = field(default=None, repr=False, compare=False)
@@ -228,6 +232,7 @@ class MoaResult:
             "preset": self.preset,
             "shape": self.shape,
             "prompt": self.prompt,
+            "history": self.history,
             "system": self.system,
             "aggregator_prompt": self.template,
             "layers": [[r.to_dict() for r in layer] for layer in self.layers],

@@ -83,9 +83,13 @@ def prepare(
     config: Config | str | None = None,
     max_cost: float | None = None,
     check_keys: bool = True,
+    history=(),
     **plan_options,
 ) -> tuple[Plan, Config]:
     """Check everything that can be checked before a request is sent.
+
+    `history` is a conversation's earlier turns (user/assistant messages, see `core/chat.py`):
+    every call of the run sees them before `prompt`, and the cost bound counts them.
 
     With `max_cost` (USD), a run whose upper-bound cost (see `estimate.py`) exceeds it, or whose
     cost cannot be bounded because a price is unknown, raises `estimate.CostLimitExceeded` (a
@@ -99,11 +103,11 @@ def prepare(
         from ..accounting.estimate import check_max_cost, estimate_plan, validate_max_cost
 
         limit = validate_max_cost(max_cost)
-        check_max_cost(estimate_plan(plan, prompt, cfg.prices), limit)
+        check_max_cost(estimate_plan(plan, prompt, cfg.prices, history), limit)
     return plan, cfg
 
 
-def estimate_run(prompt: str, *, max_cost: float | None = None, **options):
+def estimate_run(prompt: str, *, max_cost: float | None = None, history=(), **options):
     """The dry run: token and cost bounds per layer (an `estimate.Estimate`), sending nothing.
 
     Takes run()'s options and checks them as for a run, except that API keys need not be set yet:
@@ -116,11 +120,13 @@ def estimate_run(prompt: str, *, max_cost: float | None = None, **options):
 
     limit = validate_max_cost(max_cost)
     plan, cfg = prepare(prompt, check_keys=False, **options)
-    return replace(estimate_plan(plan, prompt, cfg.prices), max_cost=limit)
+    return replace(estimate_plan(plan, prompt, cfg.prices, history), max_cost=limit)
 
 
-def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = ()):
-    """Start a run on the worker loop: (engine, future, finished). The engine's result fills live."""
+def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = (), history=()):
+    """Start a run on the worker loop: (engine, future, finished). The engine's result fills live.
+
+    `history`: the earlier turns of a conversation, as for `prepare`."""
     global _last_result
     from ..providers.cache import CallCache
     from .engine import Engine
@@ -129,7 +135,12 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
     listeners = list(listeners)
     # a cached answer streams in visibly only when someone watches (see providers/cache.py)
     cache = CallCache.for_settings(plan.settings, watched=bool(listeners))
-    engine = Engine(plan, prompt, [Recorder(), *listeners], cfg.prices, cache=cache)
+    engine = Engine(plan, prompt, [Recorder(), *listeners], cfg.prices, cache=cache,
+                    history=history)
+    if history:
+        from ..accounting.tokens import count_history
+
+        engine.result.history_tokens = count_history(plan.aggregator.model, history)
     _last_result = engine.result
     started, finished = threading.Event(), threading.Event()
 
@@ -187,25 +198,27 @@ def wait(future: concurrent.futures.Future, finished: threading.Event,
         raise
 
 
-def run(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaResult:
+def run(prompt: str, *, listeners: Iterable[Listener] = (), history=(), **options) -> MoaResult:
     """Run a Mixture-of-Agents synchronously and return its result.
 
     Options: preset, proposers, aggregator, layers (the paper's L), temperature, max_tokens, system,
     aggregator_prompt, min_ok, config (a Config or a path), max_cost (USD: refuse to start a run
     whose upper-bound cost exceeds it or cannot be bounded), cache (True: serve every call from the
     request cache when it can; False: never read or write it; None: the config's `[settings]
-    cache`, by default only calls at temperature 0 or with a seed). Raises RunFailed (with `.result`) when
+    cache`, by default only calls at temperature 0 or with a seed), history (a conversation's
+    earlier turns, see `core/chat.py`). Raises RunFailed (with `.result`) when
     no final answer came; `last_result()` holds the partial run after an interrupt too.
     """
-    plan, cfg = prepare(prompt, **options)
-    _, future, finished = start(plan, cfg, prompt, listeners)
+    plan, cfg = prepare(prompt, history=history, **options)
+    _, future, finished = start(plan, cfg, prompt, listeners, history)
     return _checked(wait(future, finished))
 
 
-async def arun(prompt: str, *, listeners: Iterable[Listener] = (), **options) -> MoaResult:
+async def arun(prompt: str, *, listeners: Iterable[Listener] = (), history=(),
+               **options) -> MoaResult:
     """`run()` for async code. Cancelling the awaiting task cancels every request."""
-    plan, cfg = prepare(prompt, **options)
-    _, future, finished = start(plan, cfg, prompt, listeners)
+    plan, cfg = prepare(prompt, history=history, **options)
+    _, future, finished = start(plan, cfg, prompt, listeners, history)
     try:
         result = await asyncio.wrap_future(future)
     except asyncio.CancelledError:

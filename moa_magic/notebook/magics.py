@@ -33,9 +33,10 @@ from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from ..errors import MoaUserError
 from ..limits import max_tokens_problem, temperature_problem
+from .chat import with_chat_options
 from ..options import RUN_OPTIONS, SAVE_OPTION, run_options
 
-SUBCOMMANDS = ("list", "show", "last", "usage", "cache", "replay", "help", "version")
+SUBCOMMANDS = ("list", "show", "last", "usage", "cache", "replay", "chat", "help", "version")
 
 # {{ name }} / {{ name.attr.attr }}; \{{...}} is a literal {{...}}.
 _PLACEHOLDER = re.compile(r"(\\?)\{\{\s*([^{}\n]*?)\s*\}\}")
@@ -235,6 +236,7 @@ class MoaMagics(Magics):
         help="also store the result in this variable (the last result is always in _moa)",
     )
     @magic_arguments.argument(*SAVE_OPTION[0], **SAVE_OPTION[1])
+    @with_chat_options
     @cell_magic("moa")
     @_user_errors_as_usage_errors
     def moa_cell(self, line, cell):
@@ -260,6 +262,10 @@ class MoaMagics(Magics):
         # blank lines around the prompt are layout, not content (indentation of the first line is kept)
         prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
         options = run_options(args, **self._defaults())
+        if args.chat is not None:
+            from .chat import chat_cell
+
+            return chat_cell(self, args, prompt, options)
         from ..core import runner
 
         if args.dry_run:
@@ -312,11 +318,11 @@ class MoaMagics(Magics):
             return "text"
         return "widgets"
 
-    def _run(self, plan, cfg, prompt: str, out: str | None, save: str | None = None) -> None:
+    def _run(self, plan, cfg, prompt: str, out: str | None, save: str | None = None, history=()):
         from ..core import runner
 
         def begin(listener):
-            engine, future, finished = runner.start(plan, cfg, prompt, [listener])
+            engine, future, finished = runner.start(plan, cfg, prompt, [listener], history)
             return engine.result, future, finished
 
         result = self._show(lambda tree: tree.for_plan(plan), begin, out, save)
@@ -325,6 +331,7 @@ class MoaMagics(Magics):
                 f"No final answer ({result.status}): {result.error or 'unknown error'}. "
                 f"The partial run is in _moa."
             )
+        return result
 
     def _show(self, tree_for, begin, out: str | None = None, save: str | None = None):
         """Draw a run (or a replay) while it goes on; `_moa` (and `out`) get its result at the end.
@@ -385,7 +392,7 @@ class MoaMagics(Magics):
     @line_magic("moa")
     @_user_errors_as_usage_errors
     def moa_line(self, line):
-        """%moa list | show [PRESET] | last | usage | cache info|clear | replay PATH | help | version
+        """%moa list | show [PRESET] | last | usage | cache info|clear | replay PATH | chat | help | version
 
         list      presets and providers, each provider with whether its API key env var is set
         show P    a preset's layers, models, parameters and aggregator prompt (default: the default)
@@ -393,6 +400,7 @@ class MoaMagics(Magics):
         usage     tokens and cost of this session's runs
         cache info|clear   the request cache: where it is and what it holds, or empty it
         replay PATH [--speed X]   redraw a run saved with --save, timings ÷ X; no key, no network
+        chat show|reset [NAME]    a %%moa --chat conversation's turns and sizes, or forget them
         help      this text and every %%moa option
         version   the moa-magic version
 
@@ -461,6 +469,11 @@ class MoaMagics(Magics):
             raise UsageError(f"The request cache cannot be read: {exc}. Move it with [settings] "
                              f"cache_path or delete the file.") from None
         print(outcome)
+
+    def _cmd_chat(self, rest: str) -> None:
+        from .chat import chat_command
+
+        chat_command(self, rest)
 
     def _cmd_replay(self, rest: str) -> None:
         from IPython.utils.process import arg_split

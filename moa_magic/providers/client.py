@@ -203,7 +203,7 @@ async def stream_chat(
         attempt += 1
         reply.attempts = attempt
         try:
-            return await asyncio.wait_for(
+            return await http.within(
                 _attempt(provider, base_url, body, settings, on_delta, reply),
                 settings.call_timeout,
             )
@@ -253,7 +253,7 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         total=None, connect=settings.connect_timeout, sock_connect=settings.connect_timeout
     )
     try:
-        response = await asyncio.wait_for(
+        response = await http.within(
             http.post(f"{plain_url}/chat/completions", json=payload, headers=headers,
                       timeout=timeout),
             settings.first_byte_timeout,
@@ -377,7 +377,7 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
     while True:
         limit = settings.first_byte_timeout if first else settings.chunk_timeout
         try:
-            raw = await asyncio.wait_for(response.content.readany(), limit)
+            raw = await http.within(response.content.readany(), limit)
         except asyncio.TimeoutError:
             which = "first_byte_timeout" if first else "chunk_timeout"
             raise CallError(

@@ -130,11 +130,35 @@ async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
     raise CrossOriginRedirect(f"more than {MAX_REDIRECTS} redirects within {origin(target)}")
 
 
+async def within(awaitable, seconds: float):
+    """`asyncio.wait_for` that never loses a cancellation: Python 3.11's returns the result when the
+    awaitable finishes just as the caller is cancelled (CPython gh-86296), and a cancelled run's
+    stream would then be read on to its end."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        await _end(task)
+        raise
+    if not done:
+        await _end(task)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+async def _end(task: asyncio.Future) -> None:
+    """Cancel and wait for `task`; what it raised meanwhile is dropped (the caller gave up on it)."""
+    task.cancel()
+    await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
+
+
 async def read_body(response: aiohttp.ClientResponse, limit: int, gap_s: float) -> bytes:
     """The whole body; BodyTooLarge past `limit` bytes. Waits at most `gap_s` for each piece."""
     parts, size = [], 0
     while True:
-        piece = await asyncio.wait_for(response.content.readany(), gap_s)
+        piece = await within(response.content.readany(), gap_s)
         if not piece:
             return b"".join(parts)
         size += len(piece)

@@ -81,9 +81,17 @@ def header_prefix(result: MoaResult, elapsed_s: float | None = None, status: str
     """'MoA · preset fake · 2 layers: … · done · 1.20s': the header before the totals."""
     elapsed = result.elapsed_s if elapsed_s is None else elapsed_s
     return (
-        f"MoA · {run_label(result)} · {result.shape} · {status or result.status} · "
-        f"{seconds(elapsed)}"
+        f"MoA · {run_label(result)} · {result.shape}{history_note(result)} · "
+        f"{status or result.status} · {seconds(elapsed)}"
     )
+
+
+def history_note(result: MoaResult) -> str:
+    """' · history 2 turns, 345 tok' for a conversation's later turn, '' otherwise."""
+    if not result.history:
+        return ""
+    turns = sum(1 for m in result.history if m.get("role") == "user")
+    return f" · history {turns} turn{'s' * (turns != 1)}, {result.history_tokens} tok"
 
 
 def header_text(result: MoaResult, elapsed_s: float | None = None, status: str | None = None) -> str:

@@ -13,7 +13,7 @@ from ..core.events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished,
     RunStarted, TextDelta,
 )
-from .format import call_summary, run_label, totals_line
+from .format import call_summary, history_note, run_label, totals_line
 
 # CSI/OSC/other ESC sequences, then every C0/C1 control except tab and newline.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
@@ -41,7 +41,7 @@ class TerminalRenderer:
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             r = event.result
-            self._line(f"moa · {terminal_safe(run_label(r))} · {r.shape}")
+            self._line(f"moa · {terminal_safe(run_label(r))} · {r.shape}{history_note(r)}")
         elif isinstance(event, CallStarted):
             rec = event.record
             if rec.role == "aggregator":
