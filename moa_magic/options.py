@@ -15,6 +15,15 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--max-tokens",), dict(type=int, metavar="N", help="max tokens per call")),
     (("--system",), dict(metavar="TEXT", help="system prompt for every call")),
     (("--aggregator-prompt",), dict(metavar="TEXT", help="replace the aggregate-and-synthesize prompt")),
+    (("--baseline",), dict(action="append", metavar="MODEL", dest="baseline",
+                           help="provider:model answering the bare prompt alone, beside layer 1, "
+                                "for comparison; repeat for several")),
+    (("--judge",), dict(metavar="MODEL",
+                        help="provider:model that compares the final answer with each baseline, "
+                             "in both orders: win / tie / loss and a reason")),
+    (("--judge-prompt",), dict(metavar="TEXT",
+                               help="replace the judge's prompt; it must contain {question}, "
+                                    "{answer_a} and {answer_b}")),
     (("--min-ok",), dict(type=int, metavar="N", help="proposers that must succeed for a layer to go on (default 1)")),
     (("--max-cost",), dict(type=float, metavar="USD",
                            help="do not start a run whose upper-bound cost exceeds USD "
@@ -29,7 +38,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
 ]
 
 RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
-            "system", "aggregator_prompt", "min_ok", "max_cost", "cache")
+            "system", "aggregator_prompt", "min_ok", "max_cost", "cache", "baseline", "judge",
+            "judge_prompt")
 # --dry-run is not a run() option: the CLI and the magic read it themselves.
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..core.events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished, RunStarted, TextDelta,
 )
+from ..core import side
 from ..core.result import Status
 from . import prices, tokens
 
@@ -43,6 +44,7 @@ class Meter:
             for index, call in enumerate(layer)
         }
         self._calls[(len(plan.layers) + 1, 0)] = plan.aggregator
+        self._calls.update(side.call_slots(plan))  # baselines and the judge, billed alike
         self._delta_counts: dict[tuple[str, str], int] = {}
 
     def _call(self, record: CallRecord) -> ModelCall:
@@ -50,7 +52,7 @@ class Meter:
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            for record in event.result.calls():
+            for record in [*event.result.calls(), *event.result.side_calls()]:
                 record.tokens_approx = tokens.is_approximate(self._call(record).model)
         elif isinstance(event, CallStarted):
             record = event.record
@@ -69,7 +71,7 @@ class Meter:
         elif isinstance(event, CallFailed):
             self._bill_partial(event.record)
         elif isinstance(event, RunFinished):
-            for record in event.result.calls():
+            for record in [*event.result.calls(), *event.result.side_calls()]:
                 if record.status == Status.CANCELLED and record.sent and record.cost_usd is None:
                     self._bill_partial(record)
 

@@ -179,7 +179,9 @@ class _Ledger:
             self._reset()
 
     def record(self, result) -> None:
-        calls = [(r.model, Totals.of([r])) for r in result.calls() if r.sent]
+        # baselines and the judge are paid for too (summed apart from the run only in its result)
+        every = [*result.calls(), *result.side_calls()]
+        calls = [(r.model, Totals.of([r])) for r in every if r.sent]
         status = result.status if result.status in self.runs else Status.FAILED
         with self._lock:
             self.runs[status] += 1

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..accounting.meter import Meter
 from ..providers import client, limits
-from . import method
+from . import method, side as side_calls
 from .events import (
     CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
     RunFinished, RunStarted, TextDelta, emit,
@@ -61,6 +61,7 @@ class Engine:
         # Created up front and filled in place: whoever holds it sees a partial run after a failure.
         self.result = new_result(plan, prompt)
         self.result.history = [dict(m) for m in history]  # earlier turns of a conversation
+        side_calls.add_records(plan, self.result)  # baselines and judge (core/side.py), if any
         self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
 
     def emit(self, event: Event) -> None:
@@ -70,9 +71,11 @@ class Engine:
         plan, result = self.plan, self.result
         started = time.perf_counter()
         self.emit(RunStarted(result))
+        side = None
         try:
             urls = await self._base_urls()
             limits = self._limits()
+            side = side_calls.start(self, urls, limits)  # baselines run beside layer 1
             outputs: list[str] = []
             for number, (calls, records) in enumerate(zip(plan.layers, result.layers), start=1):
                 layer_start = time.perf_counter()
@@ -122,8 +125,11 @@ class Engine:
                     record.status = Status.SKIPPED
             return result
         finally:
-            result.elapsed_s = time.perf_counter() - started
-            self.emit(RunFinished(result))
+            result.elapsed_s = time.perf_counter() - started  # the mixture's own time
+            try:
+                await side_calls.finish(side, result)  # the judge needs the final answer
+            finally:
+                self.emit(RunFinished(result))
 
     async def _base_urls(self) -> dict[str, str]:
         urls = {}
@@ -144,10 +150,13 @@ class Engine:
         }
         return limits.limiter(limits.OVERALL, self.plan.settings.max_concurrency), per_provider
 
-    async def _call(self, call: ModelCall, record: CallRecord, outputs: list[str], urls, limits) -> None:
+    async def _call(self, call: ModelCall, record: CallRecord, outputs: list[str], urls, limits,
+                    messages: list[dict] | None = None) -> None:
+        """One call; `messages` replaces the method's (a side call's own, e.g. the judge's)."""
         overall, per_provider = limits
-        conversation = method.conversation(self.result.prompt, call.system, self.result.history)
-        messages = method.with_references(conversation, self.plan.template, outputs)
+        if messages is None:
+            conversation = method.conversation(self.result.prompt, call.system, self.result.history)
+            messages = method.with_references(conversation, self.plan.template, outputs)
         body = {
             "model": call.model,
             "messages": messages,

@@ -35,6 +35,10 @@ class Plan:
     template: str
     system: str | None
     settings: RunSettings
+    # side calls (core/side.py): single models on the bare prompt, and the judge of the final answer
+    baselines: tuple[ModelCall, ...] = ()
+    judge: ModelCall | None = None
+    judge_prompt: str | None = None
 
     @property
     def shape(self) -> str:
@@ -52,7 +56,8 @@ class Plan:
         return [call for layer in self.layers for call in layer] + [self.aggregator]
 
     def providers(self) -> dict[str, Provider]:
-        return {call.provider.name: call.provider for call in self.calls()}
+        side = [*self.baselines, *([self.judge] if self.judge else [])]
+        return {call.provider.name: call.provider for call in [*self.calls(), *side]}
 
 
 def local_extra_installed() -> bool:

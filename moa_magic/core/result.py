@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from .judge import Judgement
     from .saved import Timeline
 
 from ..accounting.totals import Totals
@@ -44,7 +45,7 @@ class CallRecord:
     layer: int
     index: int
     model: str
-    role: str  # "proposer" or "aggregator"
+    role: str  # "proposer", "aggregator", "baseline" or "judge" (the last two: core/side.py)
     temperature: float
     max_tokens: int
     seed: int | None = None
@@ -107,7 +108,11 @@ class CallRecord:
 
     @property
     def label(self) -> str:
-        return "aggregator" if self.role == "aggregator" else f"L{self.layer}.{self.index + 1}"
+        if self.role == "aggregator":
+            return "aggregator"
+        if self.role in ("baseline", "judge"):
+            return f"{self.role} {self.index + 1}"
+        return f"L{self.layer}.{self.index + 1}"
 
     def to_dict(self) -> dict:
         return {
@@ -193,6 +198,11 @@ class MoaResult:
     replay_of: str | None = None  # set on a replay: what run it redraws, and when that ran
     # when each call started and streamed, for save() and replay (core/saved.py)
     timeline: Timeline | None = field(default=None, repr=False, compare=False)
+    # Side calls (core/side.py): single models on the bare prompt, and the judge's verdicts on
+    # the final answer against each. Not part of `calls()` or `totals()`: they are counted apart.
+    baselines: list[CallRecord] = field(default_factory=list)
+    judgements: list[Judgement] = field(default_factory=list)
+    judge_prompt: str | None = None
 
     @property
     def final(self) -> str:
@@ -204,6 +214,19 @@ class MoaResult:
 
     def calls(self) -> list[CallRecord]:
         return [r for layer in self.layers for r in layer] + [self.aggregator]
+
+    def judge_calls(self) -> list[CallRecord]:
+        return [record for judgement in self.judgements for record in judgement.calls]
+
+    def side_calls(self) -> list[CallRecord]:
+        """The baselines' and the judge's calls: billed like the run's, summed apart from them."""
+        return [*self.baselines, *self.judge_calls()]
+
+    def baseline_totals(self) -> dict:
+        return Totals.of(self.baselines).to_dict()
+
+    def judge_totals(self) -> dict:
+        return Totals.of(self.judge_calls()).to_dict()
 
     def stages(self) -> list[list[CallRecord]]:
         """The proposer layers, then the aggregator as a layer of one."""
@@ -240,7 +263,20 @@ class MoaResult:
             "layer_seconds": self.layer_seconds,
             "totals": self.totals(),
             "layer_totals": self.layer_totals(),
+            **self._side_dict(),
         }
+
+    def _side_dict(self) -> dict:
+        """Baselines and the judge, only when the run had them (the plain schema stays as it was)."""
+        side: dict = {}
+        if self.baselines:
+            side["baselines"] = [r.to_dict() for r in self.baselines]
+            side["baseline_totals"] = self.baseline_totals()
+        if self.judgements:
+            side["judge_prompt"] = self.judge_prompt
+            side["judgements"] = [j.to_dict() for j in self.judgements]
+            side["judge_totals"] = self.judge_totals()
+        return side
 
     def save(self, path) -> None:
         """Write the run as JSON: the `--json` schema plus its timings, for `moa_magic.load` and replay."""

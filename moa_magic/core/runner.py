@@ -84,6 +84,9 @@ def prepare(
     max_cost: float | None = None,
     check_keys: bool = True,
     history=(),
+    baseline: str | list[str] | None = None,
+    judge: str | None = None,
+    judge_prompt: str | None = None,
     **plan_options,
 ) -> tuple[Plan, Config]:
     """Check everything that can be checked before a request is sent.
@@ -99,6 +102,10 @@ def prepare(
         raise MoaUserError("The prompt is empty: give the question or instruction to answer.")
     cfg = config if isinstance(config, Config) else load_config(config)
     plan = build_plan(cfg, check_keys=check_keys, **plan_options)
+    if baseline or judge or judge_prompt:
+        from .side import with_side_calls
+
+        plan = with_side_calls(plan, cfg, baseline, judge, judge_prompt, check_keys=check_keys)
     if max_cost is not None:
         from ..accounting.estimate import check_max_cost, estimate_plan, validate_max_cost
 
@@ -202,7 +209,9 @@ def run(prompt: str, *, listeners: Iterable[Listener] = (), history=(), **option
     """Run a Mixture-of-Agents synchronously and return its result.
 
     Options: preset, proposers, aggregator, layers (the paper's L), temperature, max_tokens, system,
-    aggregator_prompt, min_ok, config (a Config or a path), max_cost (USD: refuse to start a run
+    aggregator_prompt, min_ok, config (a Config or a path), baseline (a model or a list: single
+    models on the bare prompt, beside layer 1), judge (a model comparing the final answer with
+    each baseline in both orders), judge_prompt (replaces core/judge.py's), max_cost (USD: refuse to start a run
     whose upper-bound cost exceeds it or cannot be bounded), cache (True: serve every call from the
     request cache when it can; False: never read or write it; None: the config's `[settings]
     cache`, by default only calls at temperature 0 or with a seed), history (a conversation's
