@@ -10,6 +10,9 @@ _LAZY = {
     "arun": "core.runner",
     "last_result": "core.runner",
     "Chat": "core.chat",
+    "batch": "core.batch",
+    "last_batch": "core.batch",
+    "BatchResult": "core.batch_result",
     "load_config": "config",
     "load": "core.load",
     "replay": "core.replay",
@@ -32,6 +35,7 @@ def __getattr__(name):
     # Results shown through the public API display as the static rendition (`_moa`, Out[n]):
     # the render side plugs its forms into the data types when it is imported.
     importlib.import_module(f"{__name__}.render.static")
+    importlib.import_module(f"{__name__}.render.batch")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 

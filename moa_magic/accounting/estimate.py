@@ -95,12 +95,12 @@ def _sum_costs(values) -> float | None:
 @dataclass(frozen=True)
 class LayerEstimate:
     layer: int  # 1-based; the aggregator's layer is len(proposer layers) + 1
-    role: str  # "proposers" or "aggregator"
+    role: str  # "proposers", "aggregator", or a run's side calls: "baselines", "judge"
     calls: tuple[CallEstimate, ...]
 
     @property
     def label(self) -> str:
-        return "aggregator" if self.role == "aggregator" else f"layer {self.layer}"
+        return f"layer {self.layer}" if self.role == "proposers" else self.role
 
     @property
     def input_min(self) -> int:
@@ -338,12 +338,38 @@ def estimate_plan(plan: Plan, prompt: str, user_prices: dict | None = None,
             estimates.append(_call_estimate(call, label, fewest, most, extra, False, user_prices))
         layers.append(LayerEstimate(layer=number, role=role, calls=tuple(estimates)))
         previous = tuple(calls)
+    layers.extend(_side_estimates(plan, prompt, user_prices))
     notes = (
         "input: layer 1 exact; later layers from the fewest references (min_ok, empty) up to every "
         "previous output at its max_tokens",
         "cost: min = every call answers with an empty reply; max = every token at its bound",
     )
     return Estimate(preset=plan.preset, shape=plan.shape, layers=tuple(layers), notes=notes)
+
+
+def _side_estimates(plan: Plan, prompt: str, user_prices: dict | None) -> list[LayerEstimate]:
+    """Baselines: layer 1's exact input. The judge, twice per baseline: its prompt with the
+    question and both answers, empty at least and at their max_tokens (+ JOIN_SLACK) at most."""
+    from ..core import judge, side
+
+    stages = []
+    if plan.baselines:
+        calls = []
+        for index, call in enumerate(plan.baselines):
+            messages = method.conversation(prompt, call.system)
+            calls.append(_call_estimate(call, f"baseline {index + 1}", messages, messages, 0, True,
+                                        user_prices))
+        stages.append(LayerEstimate(layer=side.BASELINE_LAYER, role="baselines", calls=tuple(calls)))
+    if plan.judge is not None:
+        empty = judge.judge_messages(plan.judge_prompt, prompt, "", "")
+        calls = [
+            _call_estimate(plan.judge, f"judge {2 * index + order + 1}", empty, empty,
+                           plan.aggregator.max_tokens + baseline.max_tokens + 2 * JOIN_SLACK,
+                           False, user_prices)
+            for index, baseline in enumerate(plan.baselines) for order in (0, 1)
+        ]
+        stages.append(LayerEstimate(layer=side.judge_layer(plan), role="judge", calls=tuple(calls)))
+    return stages
 
 
 def validate_max_cost(max_cost) -> float | None:

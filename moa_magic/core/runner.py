@@ -156,7 +156,7 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
         try:
             return await engine.run()
         finally:
-            _record_usage(engine.result)
+            record_usage(engine.result)
             finished.set()
 
     def cancelled_before_start(future: concurrent.futures.Future) -> None:
@@ -165,7 +165,7 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
             engine.result.status, engine.result.error = Status.CANCELLED, "interrupted"
             for record in engine.result.calls():
                 record.status = Status.CANCELLED
-            _record_usage(engine.result)
+            record_usage(engine.result)
             finished.set()
 
     future = worker.submit(guarded())
@@ -173,7 +173,7 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
     return engine, future, finished
 
 
-def _record_usage(result: MoaResult) -> None:
+def record_usage(result: MoaResult) -> None:
     """Add the ended run (done, failed or cancelled) to the session ledger; never raises."""
     try:
         from ..accounting import usage

@@ -10,8 +10,8 @@ the static rendition show what happened and `_moa` holds the partial result. An 
 (KeyboardInterrupt) cancels every request, marks the run cancelled in the tree, stores `_moa`, then
 re-raises so the kernel reports the interrupt.
 
-Over ~400 lines for now: `interpolate` (the `{{name}}` substitution) moves to its own module,
-notebook/interpolate.py, once the security work on it has landed (issue 12).
+Over ~400 lines for now; the `{{name}}` substitution itself is moa_magic/template.py (batch
+rows use it too), `%%moa --over` is notebook/batch.py.
 """
 
 from __future__ import annotations
@@ -32,15 +32,13 @@ from IPython.display import display
 from traitlets import Bool, Float, Int, TraitError, Unicode, validate
 
 from ..errors import MoaUserError
+from ..template import fill
 from ..limits import max_tokens_problem, temperature_problem
 from .chat import with_chat_options
 from ..options import RUN_OPTIONS, SAVE_OPTION, run_options
 
 SUBCOMMANDS = ("list", "show", "last", "usage", "cache", "replay", "chat", "help", "version")
 
-# {{ name }} / {{ name.attr.attr }}; \{{...}} is a literal {{...}}.
-_PLACEHOLDER = re.compile(r"(\\?)\{\{\s*([^{}\n]*?)\s*\}\}")
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def _user_errors_as_usage_errors(func):
@@ -64,55 +62,11 @@ def _with_run_options(func):
 
 
 def interpolate(text: str, namespace: Mapping) -> str:
-    """Replace `{{name}}` / `{{ name.attr }}` with `str()` of the user's variable.
-
-    Single braces are left alone (code in prompts stays intact); `\\{{x}}` gives a literal `{{x}}`;
-    `{{...}}` that is not a (dotted) name, e.g. `{{#each}}` or `{{ a + b }}`, is left as written.
-    Nothing is evaluated: a name is looked up, then attributes (or mapping keys) one by one;
-    attributes starting with `_` are refused.
-    """
-
-    def substitute(match: re.Match) -> str:
-        escaped, expr = match.group(1), match.group(2)
-        if escaped:
-            return match.group(0)[1:]
-        if not _DOTTED.fullmatch(expr):
-            return match.group(0)
-        head, *attrs = expr.split(".")
-        if head not in namespace:
-            raise UsageError(
-                f"{{{{{expr}}}}}: there is no variable {head!r} in the notebook. Define it in a "
-                f"cell above, or write \\{{{{{expr}}}}} for literal braces."
-            )
-        value = namespace[head]
-        path = head
-        try:  # a property, a mapping's lookup or __str__ is the user's code: it may raise
-            for attr in attrs:
-                if attr.startswith("_"):
-                    raise UsageError(
-                        f"{{{{{expr}}}}}: attributes starting with '_' are not allowed in a prompt."
-                    )
-                if hasattr(value, attr):
-                    value = getattr(value, attr)
-                elif isinstance(value, Mapping) and attr in value:
-                    value = value[attr]
-                else:
-                    raise UsageError(
-                        f"{{{{{expr}}}}}: {path} ({type(value).__name__}) has no attribute or key "
-                        f"{attr!r}."
-                    )
-                path += f".{attr}"
-            return str(value)
-        except UsageError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any failure of user code is one line
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            raise UsageError(
-                f"{{{{{expr}}}}}: reading {path} or turning it into text failed ({reason[:200]}). "
-                f"Fix it, or put the text you want in a variable."
-            ) from None
-
-    return _PLACEHOLDER.sub(substitute, text)
+    """`{{name}}` / `{{ name.attr }}` filled from the user's variables (rules: moa_magic/template.py)."""
+    try:
+        return fill(text, namespace, "the notebook")
+    except MoaUserError as exc:
+        raise UsageError(str(exc)) from None
 
 
 class _Pump:
