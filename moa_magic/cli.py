@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a prompt through a layered Mixture-of-Agents and print the final answer.",
         epilog="Also: `moa cache info|clear` (the request cache), `moa replay PATH [--speed X]` "
                "(redraw a run saved with --save), `moa chat` (a conversation, one line per turn), "
-               "`moa serve` (presets as an OpenAI-compatible API).",
+               "`moa serve` (presets as an OpenAI-compatible API), `moa batch INPUT.jsonl|.csv "
+               "--out RESULTS.jsonl` (many prompts).",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt, or - to read it from standard input")
     for flags, kwargs in RUN_OPTIONS:

@@ -41,7 +41,7 @@ def prompts_from(prompts, template: str | None = None) -> list[str]:
     of dicts) filled into `template`'s `{{column}}` placeholders (moa_magic/template.py)."""
     from ..template import fill, placeholders
 
-    rows = _rows(prompts)
+    rows = rows_of(prompts)
     if template is None:
         if rows and not all(isinstance(row, str) for row in rows):
             raise MoaUserError("These prompts are rows, not strings: give a template, e.g. "
@@ -61,7 +61,7 @@ def prompts_from(prompts, template: str | None = None) -> list[str]:
     return out
 
 
-def _rows(prompts) -> list:
+def rows_of(prompts) -> list:
     if isinstance(prompts, str):
         raise MoaUserError("batch() takes many prompts (a list, a pandas Series or DataFrame); "
                            "for one prompt use run().")

@@ -179,6 +179,7 @@ class MoaMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.last_tree = None  # the last run's TreeRenderer (widget mode), for inspection
+        self.last_batch_progress = None  # the last --over batch's progress display
 
     # --- %%moa -----------------------------------------------------------------------------------
 
@@ -191,6 +192,14 @@ class MoaMagics(Magics):
     )
     @magic_arguments.argument(*SAVE_OPTION[0], **SAVE_OPTION[1])
     @with_chat_options
+    @magic_arguments.argument(
+        "--over", metavar="NAME",
+        help="run the cell as a template over the rows of the list or DataFrame NAME: {{column}} "
+             "(or {{row}} for a list of strings) per row; the batch result goes to _moa_batch",
+    )
+    @magic_arguments.argument(
+        "--max-concurrency", type=int, metavar="N", help="with --over: calls in flight at once",
+    )
     @cell_magic("moa")
     @_user_errors_as_usage_errors
     def moa_cell(self, line, cell):
@@ -213,6 +222,10 @@ class MoaMagics(Magics):
             return None
         if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
             raise UsageError(f"--out needs a Python variable name, got {args.out!r}.")
+        if args.over is not None:
+            from .batch import run_over
+
+            return run_over(self, args, cell, run_options(args, **self._defaults()))
         # blank lines around the prompt are layout, not content (indentation of the first line is kept)
         prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
         options = run_options(args, **self._defaults())

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from ..accounting.totals import Totals
 from ..core.result import Status, set_renditions
 from .format import call_summary, header_prefix, header_text, shown_error, totals_line
+from .compare import comparison_html, comparison_markdown, comparison_text
 from .terminal import terminal_safe
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ def result_text(result: MoaResult) -> str:
         lines += ["", terminal_safe(result.final)]
     else:
         lines.append(terminal_safe(f"{result.status}: {result.error or 'no final answer'}"))
+    lines += [comparison_text(result)] if result.baselines else []  # render/compare.py
     return "\n".join(lines)
 
 
@@ -166,6 +168,7 @@ def result_markdown(result: MoaResult) -> str:
             out.append(f"  - {md_inline(STATUS_MARK.get(r.status, '') + ' ' + r.label + ' ' + summary)}")
     agg = result.aggregator
     out.append(f"- {md_inline(STATUS_MARK.get(agg.status, '') + ' aggregator ' + call_summary(agg))}")
+    out += ["", comparison_markdown(result)] if result.baselines else []  # render/compare.py
     return "\n".join(out) + "\n"
 
 
@@ -195,8 +198,9 @@ def result_html(result: MoaResult) -> str:
     parts.append(
         f'<div class="moa-static-final" data-status="{esc(result.status)}">'
         f'<div class="moa-static-final-title" style="font-style:italic">{esc(node_title(agg))}</div>'
-        f"{final_body_html(result)}</div></div>"
+        f"{final_body_html(result)}</div>"
     )
+    parts.append(comparison_html(result) + "</div>")  # baselines beside the final (render/compare.py)
     return "".join(parts)
 
 

@@ -210,6 +210,9 @@ class TreeRenderer:
     # --- listener ---------------------------------------------------------------------------------
 
     def __call__(self, event: Event) -> None:
+        record = getattr(event, "record", None)
+        if record is not None and record.role not in ("proposer", "aggregator"):
+            return  # baselines and the judge: their own section (render/compare.py)
         now = time.perf_counter()
         with self._lock:
             if self._disposed:

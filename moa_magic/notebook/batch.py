@@ -1,0 +1,74 @@
+"""`%%moa --over NAME`: the cell as a prompt template over the rows of a notebook variable.
+
+NAME is a list (of strings: `{{row}}`; of dicts: their keys), a pandas Series (`{{row}}`) or a
+DataFrame (its columns). Each row's prompt is the cell with `{{name}}` filled from the row first,
+then from the notebook's variables (moa_magic/template.py, the same rules as a single `%%moa`).
+One progress widget shows the whole batch (not a tree per row); the result goes to `_moa_batch`
+(and `--out NAME`), also a partial one after an interrupt, and its summary is displayed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import ChainMap
+
+from IPython.core.error import UsageError
+from IPython.display import display
+
+from ..errors import MoaUserError
+from ..template import fill
+
+
+def row_prompts(cell: str, name: str, namespace) -> list[str]:
+    if name not in namespace:
+        raise UsageError(f"--over {name}: there is no variable {name!r} in the notebook.")
+    from ..core.batch import rows_of
+
+    try:
+        rows = rows_of(namespace[name])
+    except MoaUserError as exc:
+        raise UsageError(f"--over {name}: {exc}") from None
+    template = re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip()
+    prompts = []
+    for number, row in enumerate(rows):
+        fields = row if isinstance(row, dict) else {"row": row}
+        try:
+            prompts.append(fill(template, ChainMap(fields, namespace), f"row {number} of {name}"))
+        except MoaUserError as exc:
+            raise UsageError(str(exc)) from None
+    if not prompts:
+        raise UsageError(f"--over {name}: it has no rows.")
+    return prompts
+
+
+def run_over(magics, args, cell: str, options: dict):
+    from ..core import batch as batching
+    from ..core.runner import wait
+    from ..render.batch import TerminalProgress, WidgetProgress, show
+
+    prompts = row_prompts(cell, args.over, magics.shell.user_ns)
+    if args.dry_run:
+        _, _, estimate = batching.prepare_batch(prompts, max_concurrency=args.max_concurrency,
+                                                check_keys=False, **options)
+        display(estimate)
+        return None
+    plan, cfg, _ = batching.prepare_batch(prompts, max_concurrency=args.max_concurrency, **options)
+    if magics.frontend() == "widgets":
+        progress = WidgetProgress(len(prompts))
+        display(progress.widget)
+    else:
+        import sys
+
+        progress = TerminalProgress(sys.stdout)
+    magics.last_batch_progress = progress
+    run = batching.BatchRun(plan, cfg, prompts, options.get("max_cost"))
+    future, finished = batching.start(run)
+    try:
+        wait(future, finished, tick=lambda: progress(run.progress))
+    finally:
+        progress(run.progress)
+        magics.shell.user_ns["_moa_batch"] = run.result
+        if args.out:
+            magics.shell.user_ns[args.out] = run.result
+        display(show(run.result))
+    return None
