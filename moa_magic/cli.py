@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         _save(args.save, last_result())
         print("moa: interrupted", file=sys.stderr)
         return 130
+    if result.baselines and not args.quiet:
+        from .render.static import comparison_text
+        from .render.terminal import terminal_safe
+
+        print(terminal_safe(comparison_text(result)), file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     return 2 if _save(args.save, result) is False else 0

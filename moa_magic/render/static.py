@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 from ..accounting.totals import Totals
 from ..core.result import Status, set_renditions
 from .format import call_summary, header_prefix, header_text, shown_error, totals_line
-from .compare import comparison_html, comparison_markdown, comparison_text
 from .terminal import terminal_safe
 
 if TYPE_CHECKING:
@@ -151,7 +150,7 @@ def result_text(result: MoaResult) -> str:
         lines += ["", terminal_safe(result.final)]
     else:
         lines.append(terminal_safe(f"{result.status}: {result.error or 'no final answer'}"))
-    lines += [comparison_text(result)] if result.baselines else []  # render/compare.py
+    lines += [terminal_safe(comparison_text(result))] if result.baselines else []  # see below
     return "\n".join(lines)
 
 
@@ -168,7 +167,7 @@ def result_markdown(result: MoaResult) -> str:
             out.append(f"  - {md_inline(STATUS_MARK.get(r.status, '') + ' ' + r.label + ' ' + summary)}")
     agg = result.aggregator
     out.append(f"- {md_inline(STATUS_MARK.get(agg.status, '') + ' aggregator ' + call_summary(agg))}")
-    out += ["", comparison_markdown(result)] if result.baselines else []  # render/compare.py
+    out += ["", comparison_markdown(result)] if result.baselines else []  # see below
     return "\n".join(out) + "\n"
 
 
@@ -200,7 +199,79 @@ def result_html(result: MoaResult) -> str:
         f'<div class="moa-static-final-title" style="font-style:italic">{esc(node_title(agg))}</div>'
         f"{final_body_html(result)}</div>"
     )
-    parts.append(comparison_html(result) + "</div>")  # baselines beside the final (render/compare.py)
+    parts.append(comparison_html(result) + "</div>")  # baselines beside the final, see below
+    return "".join(parts)
+
+
+# -------------------------------------------------------------------------------------------------
+# Baselines beside the final answer, with the judge's verdicts (core/side.py). A section of its
+# own that any view can place: each baseline's model, status, timings, tokens and cost, its text
+# (untrusted, sanitized like any model text), the mixture's outcome against it (win / tie / loss)
+# with the judge's one-line reasons; the baselines' and the judge's totals apart from the run's.
+
+
+def _verdict(result: MoaResult, index: int):
+    return result.judgements[index] if index < len(result.judgements) else None
+
+
+def comparison_text(result: MoaResult) -> str:
+    if not result.baselines:
+        return ""
+    lines = [f"baselines: {Totals.of(result.baselines).text()}"]
+    for index, record in enumerate(result.baselines):
+        lines.append(f"  {record.label} {call_summary(record)}")
+        judgement = _verdict(result, index)
+        if judgement is not None:
+            lines.append(f"    MoA {judgement.outcome} vs {record.model}: {judgement.reason}")
+        if record.text:
+            lines += [f"    {line}" for line in record.text.strip().splitlines()]
+    if result.judgements:
+        lines.append(f"judge: {Totals.of(result.judge_calls()).text()}")
+    return "\n".join(lines)  # raw model text: the caller makes it terminal-safe
+
+
+def comparison_markdown(result: MoaResult) -> str:
+    if not result.baselines:
+        return ""
+    out = [f"**Baselines** · {md_inline(Totals.of(result.baselines).text())}", ""]
+    for index, record in enumerate(result.baselines):
+        out.append(f"- {md_inline(record.label + ' ' + call_summary(record))}")
+        judgement = _verdict(result, index)
+        if judgement is not None:
+            out.append(f"  - MoA **{md_inline(judgement.outcome)}**: {md_inline(judgement.reason)}")
+    for record in result.baselines:
+        if record.text:
+            out += ["", f"**{md_inline(record.model)}**", "", md_safe(record.text)]
+    if result.judgements:
+        out += ["", f"Judge · {md_inline(Totals.of(result.judge_calls()).text())}"]
+    return "\n".join(out) + "\n"
+
+
+def comparison_html(result: MoaResult) -> str:
+    if not result.baselines:
+        return ""
+    parts = [
+        '<div class="moa-compare"><div style="font-weight:bold">Baselines · '
+        f"{Totals.of(result.baselines).html()}</div>",
+        '<div style="display:flex;flex-wrap:wrap;gap:1em">',
+    ]
+    for index, record in enumerate(result.baselines):
+        judgement = _verdict(result, index)
+        verdict = ""
+        if judgement is not None:
+            verdict = (f'<div class="moa-verdict" data-outcome="{esc(judgement.outcome)}">MoA '
+                       f"<b>{esc(judgement.outcome)}</b> · {esc(judgement.reason)}</div>")
+        parts.append(
+            f'<div class="moa-baseline" data-model="{esc(record.model)}" data-status="{esc(record.status)}" '
+            f'style="flex:1 1 20em;border-left:3px solid #ccc;padding-left:0.6em">'
+            f"<div style='font-style:italic'>{esc(record.label)} · {esc(call_summary(record))}</div>"
+            f"{verdict}{call_body_html(record)}</div>"
+        )
+    parts.append("</div>")
+    if result.judgements:
+        parts.append(f'<div class="moa-judge-totals">Judge · {Totals.of(result.judge_calls()).html()}'
+                     f"</div>")
+    parts.append("</div>")
     return "".join(parts)
 
 

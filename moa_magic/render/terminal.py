@@ -15,8 +15,6 @@ from ..core.events import (
 )
 from .format import call_summary, history_note, run_label, totals_line
 
-SIDE_ROLES = ("baseline", "judge")
-
 # CSI/OSC/other ESC sequences, then every C0/C1 control except tab and newline.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -24,12 +22,6 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def terminal_safe(text: str) -> str:
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
-
-
-def comparison_text(result) -> str:
-    from .compare import comparison_text as text
-
-    return text(result)
 
 
 class TerminalRenderer:
@@ -47,8 +39,6 @@ class TerminalRenderer:
             print(text, file=self.progress, flush=True)
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, TextDelta) and event.record.role in SIDE_ROLES:
-            return  # baselines and the judge are shown when the run ends (render/compare.py)
         if isinstance(event, RunStarted):
             r = event.result
             self._line(f"moa · {terminal_safe(run_label(r))} · {r.shape}{history_note(r)}")
@@ -88,5 +78,3 @@ class TerminalRenderer:
             r = event.result
             # Why it failed is said once, by the front end's last line (the CLI, the magic).
             self._line(totals_line(r) + ("" if r.ok else f" · {r.status}"))
-            if r.baselines:
-                self._line(comparison_text(r))
