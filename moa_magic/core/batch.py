@@ -5,7 +5,8 @@ included) on the worker loop; the limits of providers/limits.py hold across rows
 puts at most `max_concurrency` calls in flight overall and a provider's limit at each provider.
 Rows are not run in sequence: up to ROWS_PER_SLOT × max_concurrency rows are under way at once,
 so row 2's first layer never waits for row 1's aggregator and the slots stay busy while rows move
-from layer to layer.
+from layer to layer. A free slot goes to the earliest row waiting (limits.PRIORITY), so rows
+finish roughly in order and an early row is never starved by the first layers of later ones.
 
 The batch defaults to `cache=True`: a batch stopped half-way (an interrupt, --max-cost, a crash)
 and run again sends only the calls it is missing (README, "Cache"). A failed row is recorded with
@@ -248,9 +249,11 @@ class BatchRun:
         return result
 
     async def _row(self, row: BatchRow) -> None:
+        from ..providers.limits import PRIORITY
         from .engine import Engine
         from .runner import record_usage
 
+        PRIORITY.set(row.index)  # this row's task only: earlier rows get free slots first
         engine = Engine(self.plan, row.prompt, [self._count, *self.listeners], self.cfg.prices,
                         cache=self.cache)
         row.result, row.status = engine.result, RUNNING
@@ -286,16 +289,18 @@ def start(run: BatchRun):
     from .runner import worker
 
     _last_batch = run.result
-    finished = threading.Event()
+    started, finished = threading.Event(), threading.Event()
 
     async def guarded():
+        started.set()
         try:
             return await run.run()
         finally:
             finished.set()
 
     def cancelled_before_start(future) -> None:
-        if future.cancelled() and not finished.is_set():
+        # Ctrl-C right after submit: the task never ran, so nothing else marks the batch.
+        if future.cancelled() and not started.is_set():
             run.result.status, run.result.error = Status.CANCELLED, "interrupted"
             run._end()
             finished.set()

@@ -143,7 +143,7 @@ class Engine:
                 urls[name] = provider.url()
         return urls
 
-    def _limits(self) -> tuple[asyncio.Semaphore, dict[str, asyncio.Semaphore]]:
+    def _limits(self) -> tuple[limits.PrioritySemaphore, dict[str, limits.PrioritySemaphore]]:
         """Per-provider and overall limits, shared by every run of the process (`limits.py`)."""
         per_provider = {
             name: limits.limiter(name, p.max_concurrency) for name, p in self.plan.providers().items()
