@@ -19,6 +19,10 @@ NOTEBOOK_TOML = "\n".join(['default_preset = "fake"\n', FAKE_PROVIDER, FAKE_PRES
 description = "the embedded model, replaced by the fake server in the tests"
 layers = [["fake:l1", "fake:l2"]]
 aggregator = "fake:lagg"
+
+[providers.local]
+# evaluate.ipynb names the local model as its baseline and judge: the fake server answers here
+base_url = "{url}"
 """
 
 
@@ -50,6 +54,18 @@ def test_notebook_runs(path, notebook_config, chat_server, tmp_path):
         check_quickstart(nb, chat_server)
     if path.name == "replay.ipynb":
         check_replay(nb, chat_server)
+    if path.name == "evaluate.ipynb":
+        check_evaluate(nb, chat_server)
+
+
+def check_evaluate(nb, chat_server):
+    """Six questions, each a mixture + a baseline + two judge calls, all on the `local` names."""
+    texts = [o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code"
+             for o in c.outputs]
+    assert any("6 done" in t for t in texts), texts
+    assert any("local:smollm2" in t and "win rate" in t for t in texts), texts
+    baseline_calls = [r for r in chat_server.chat_requests if r["body"]["model"] == "smollm2"]
+    assert len(baseline_calls) == 6 * 3  # one baseline and two judge calls per question
 
 
 def check_replay(nb, chat_server):
