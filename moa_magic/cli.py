@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             from .core.saved import check_save_path
 
             check_save_path(args.save)
+        if not args.dry_run:
+            from .core.runner import warm_up
+
+            warm_up()
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         if prompt is None:
             raise MoaUserError("No prompt given: `moa \"your question\"`, or `moa -` to read stdin.")

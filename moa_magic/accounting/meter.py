@@ -9,13 +9,22 @@ billed the same way, by this one module.
 - TextDelta: output tokens grow live; a retry starts them again from 0.
 - CallFinished: output tokens counted once more on the whole text (exact where a token spans two
   deltas), then priced (reported usage wins over counts, see `CallRecord.input_tokens`). A call
-  served from the cache costs $0 in this run (its first cost stays beside it).
-- CallFailed, and calls cut off by a cancel (at RunFinished): billed for what they streamed, or
-  nothing if no output came.
+  served from the request cache costs $0 in this run (its first cost stays beside it).
+- CallFailed, and calls cut off by a cancel or a quorum (at RunFinished): billed for what they
+  streamed, or nothing if no output came.
+
+Nothing here stands between a run and its first request: building a tiktoken encoding takes
+~0.15 s and genai-prices ~0.1 s to import, so both load on a thread of their own (`Preparation`)
+while the requests go out. Until they are ready the meter notes which records it owes figures
+and leaves them blank (None / 0, never a guess); the first event after they are ready settles
+every one of them from its current state, and RunFinished waits for them, so the figures a run
+ends with, and everything a listener reads from then on, are exact.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import TYPE_CHECKING
 
 from ..core.events import (
@@ -33,6 +42,40 @@ NOT_BILLED = "not billed (ended before any output)"
 _DELTA_CACHE_LIMIT = 4096  # deltas repeat ("the", " a"): short ones are counted once
 
 
+class Preparation:
+    """The encodings and prices a plan needs, loaded on a daemon thread; `ready` when done.
+
+    Errors (a corrupt rank file) are not raised here: counting raises them again where the meter
+    counts, which logs them as any listener failure."""
+
+    def __init__(self, calls: list[ModelCall], user_prices: dict):
+        needed = {tokens.encoding_name_for(call.model)[0] for call in calls}
+        self.ready = threading.Event()
+        if needed <= tokens.loaded_encodings() and all(
+            _price_known_offhand(call, user_prices) for call in calls
+        ):
+            self.ready.set()
+            return
+
+        def load() -> None:
+            try:
+                for name in sorted(needed):
+                    tokens.get_encoding(name)
+                for call in calls:
+                    prices.price_for(call.provider, call.model, user_prices)
+            except Exception:  # noqa: BLE001 - see the class docstring
+                logging.getLogger("moa_magic").debug("preparing the meter failed", exc_info=True)
+            finally:
+                self.ready.set()
+
+        threading.Thread(target=load, name="moa-magic-meter", daemon=True).start()
+
+
+def _price_known_offhand(call: ModelCall, user_prices: dict) -> bool:
+    """A price that needs no price data: the config's, a local provider's, or one looked up before."""
+    return prices.price_for(call.provider, call.model, user_prices, lookup=False) is not None
+
+
 class Meter:
     """A listener that counts and prices the calls of one plan's runs."""
 
@@ -46,6 +89,8 @@ class Meter:
         self._calls[(len(plan.layers) + 1, 0)] = plan.aggregator
         self._calls.update(side.call_slots(plan))  # baselines and the judge, billed alike
         self._delta_counts: dict[tuple[str, str], int] = {}
+        self._preparation = Preparation(list(self._calls.values()), self.user_prices)
+        self._owed: dict[int, CallRecord] = {}  # records seen before the preparation was ready
 
     def _call(self, record: CallRecord) -> ModelCall:
         return self._calls[(record.layer, record.index)]
@@ -54,7 +99,22 @@ class Meter:
         if isinstance(event, RunStarted):
             for record in [*event.result.calls(), *event.result.side_calls()]:
                 record.tokens_approx = tokens.is_approximate(self._call(record).model)
-        elif isinstance(event, CallStarted):
+            return
+        if isinstance(event, RunFinished):
+            self._preparation.ready.wait()
+        if not self._preparation.ready.is_set():
+            record = getattr(event, "record", None)
+            if record is not None:
+                self._owed[id(record)] = record
+                if isinstance(event, CallRetrying):
+                    record.completion_tokens = 0
+            return
+        if self._owed:
+            self._settle()
+        self._count(event)
+
+    def _count(self, event: Event) -> None:
+        if isinstance(event, CallStarted):
             record = event.record
             record.prompt_tokens = tokens.count_messages(self._call(record).model, record.messages)
         elif isinstance(event, TextDelta):
@@ -62,18 +122,34 @@ class Meter:
         elif isinstance(event, CallRetrying):
             event.record.completion_tokens = 0
         elif isinstance(event, CallFinished):
-            record = event.record
-            record.completion_tokens = tokens.count_text(self._call(record).model, record.text)
-            if record.cached:
-                record.cost_usd = 0.0
-            else:
-                self._price(record)
+            self._finish(event.record)
         elif isinstance(event, CallFailed):
             self._bill_partial(event.record)
         elif isinstance(event, RunFinished):
             for record in [*event.result.calls(), *event.result.side_calls()]:
                 if record.status == Status.CANCELLED and record.sent and record.cost_usd is None:
                     self._bill_partial(record)
+
+    def _settle(self) -> None:
+        """The figures owed since before the preparation was ready, from each record's state now."""
+        owed, self._owed = list(self._owed.values()), {}
+        for record in owed:
+            model = self._call(record).model
+            if record.started_at is not None and record.prompt_tokens is None:
+                record.prompt_tokens = tokens.count_messages(model, record.messages)
+            if record.status == Status.DONE:
+                self._finish(record)
+            else:
+                record.completion_tokens = tokens.count_text(model, record.text)
+                if record.status == Status.FAILED:
+                    self._bill_partial(record)
+
+    def _finish(self, record: CallRecord) -> None:
+        record.completion_tokens = tokens.count_text(self._call(record).model, record.text)
+        if record.cached:
+            record.cost_usd = 0.0
+        else:
+            self._price(record)
 
     def _count_delta(self, record: CallRecord, text: str) -> int:
         model = self._call(record).model

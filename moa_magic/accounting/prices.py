@@ -28,6 +28,7 @@ Lookups are cached per (provider id, base URL, model); no lookup ever raises.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -66,8 +67,11 @@ class Price:
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1_000_000
 
 
-def price_for(provider: "Provider", model: str, user_prices: dict[str, dict[str, float]] | None) -> Price:
-    """The price of `model` on `provider`: user config, then local ($0), then genai-prices, else unknown."""
+def price_for(provider: "Provider", model: str, user_prices: dict[str, dict[str, float]] | None,
+              lookup: bool = True) -> Price | None:
+    """The price of `model` on `provider`: user config, then local ($0), then genai-prices, else unknown.
+
+    With `lookup=False`, None instead of a price that would need genai-prices imported first."""
     key = f"{provider.name}:{model}"
     table = (user_prices or {}).get(key)
     if table is not None:
@@ -81,6 +85,8 @@ def price_for(provider: "Provider", model: str, user_prices: dict[str, dict[str,
         url = provider.base_url
     if provider.local or _is_local_url(url):
         return Price(0.0, 0.0, LOCAL_SOURCE)
+    if not lookup and "genai_prices" not in sys.modules:
+        return None
     return _lookup(provider.price_provider or provider.name, url, model)
 
 

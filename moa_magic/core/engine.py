@@ -63,6 +63,7 @@ class Engine:
         self.result.history = [dict(m) for m in history]  # earlier turns of a conversation
         side_calls.add_records(plan, self.result)  # baselines and judge (core/side.py), if any
         self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
+        self._keeping: set[asyncio.Task] = set()  # cache writes, off the layers' critical path
 
     def emit(self, event: Event) -> None:
         emit(self.listeners, event)
@@ -128,6 +129,8 @@ class Engine:
             result.elapsed_s = time.perf_counter() - started  # the mixture's own time
             try:
                 await side_calls.finish(side, result)  # the judge needs the final answer
+                if self._keeping:
+                    await asyncio.wait(self._keeping)
             finally:
                 self.emit(RunFinished(result))
 
@@ -210,7 +213,8 @@ class Engine:
             record.status = Status.DONE
             self.emit(CallFinished(record))  # the meter prices it first
             if self.cache is not None and not record.cached:
-                await self._keep(call, urls[call.provider.name], body, record)
+                task = asyncio.create_task(self._keep(call, urls[call.provider.name], body, record))
+                self._keeping.add(task)
 
     def _fail(self, record: CallRecord, error: str, started: float) -> None:
         record.latency_s = time.perf_counter() - started

@@ -72,6 +72,23 @@ class _WorkerLoop:
 worker = _WorkerLoop()
 
 
+def warm_up() -> None:
+    """Have the worker loop running and the HTTP client imported by the time a run starts.
+
+    Importing aiohttp (~0.15-0.3 s, much of it building its default TLS contexts, which releases
+    the GIL) is most of what stands between a process start and its first request: the CLI and
+    `%load_ext` call this first, so it happens while they still read options, config and plan.
+    """
+    worker.submit(_transport_ready())
+
+
+async def _transport_ready() -> None:
+    from ..providers import http
+    from . import engine  # noqa: F401 - imported for its side effect: the modules are loaded
+
+    http.session()
+
+
 def last_result() -> MoaResult | None:
     """The last run's result, also a partial one after a failure or an interrupt."""
     return _last_result

@@ -487,6 +487,9 @@ def load(shell) -> None:
     if isinstance(shell.magics_manager.registry.get("MoaMagics"), Magics):
         return
     shell.register_magics(MoaMagics(shell=shell))
+    from ..core.runner import warm_up
+
+    warm_up()  # the first %%moa then finds the HTTP client imported and the worker loop running
 
 
 def unload(shell) -> None:

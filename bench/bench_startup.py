@@ -1,0 +1,141 @@
+"""Start-up and shut-down of the `moa` command against the loopback server.
+
+    python bench/bench_startup.py [--layers 3] [--proposers 6] [--delay 0.2] [--runs 5]
+
+Runs `python -m moa_magic` as a fresh process (as a user's shell would) with every call answered
+after `--delay` seconds, and prints, best and median of `--runs`:
+
+- process start -> first request at the server (goal <= 150 ms): everything before the network;
+- last byte the server sent -> process exit: what lingers after the answer;
+- command wall / critical path (goal <= 1.10), the critical path being the sum over layers of
+  the slowest call as the server saw it (its first request in, its last byte out).
+
+Both sides read CLOCK_MONOTONIC (`time.monotonic`), which one machine shares between processes.
+Then the same for the first `%%moa` in a fresh IPython shell (a subprocess): cell start -> first
+request, and the run's wall / critical path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))  # chat_server.py
+
+from chat_server import ChatServer, Reply  # noqa: E402
+
+TOML = """\
+[providers.fake]
+base_url = "{url}"
+max_concurrency = 64
+
+[presets.fake]
+layers = [["fake:a"]]
+aggregator = "fake:agg"
+max_tokens = 64
+"""
+
+MAGIC_SCRIPT = """\
+import sys, time
+from IPython.testing.globalipapp import start_ipython
+ip = start_ipython()
+ip.run_line_magic("load_ext", "moa_magic")
+print("CELL", time.monotonic(), flush=True)
+ip.run_cell_magic("moa", "--preset fake -l {layers} {proposers} --quiet" if False else
+                  "--preset fake -l {layers} {proposers}", "How does a Mixture-of-Agents work?")
+print("END", time.monotonic(), flush=True)
+"""
+
+
+def critical_path(requests: list[dict], layers: int, proposers: int) -> float:
+    """Per layer (requests in arrival order), from its first request in to its last byte out."""
+    total, at = 0.0, 0
+    for size in [proposers] * (layers - 1) + [1]:
+        group = requests[at:at + size]
+        at += size
+        total += max(r["t_end"] for r in group) - min(r["t_start"] for r in group)
+    return total
+
+
+def one_command(server: ChatServer, env: dict, layers: int, proposers: int) -> tuple[float, float, float]:
+    server.reset()
+    server.default_reply = REPLY
+    flags = [arg for i in range(proposers) for arg in ("-p", f"fake:m{i}")]
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "moa_magic", "--preset", "fake", "-l", str(layers), *flags,
+         "--quiet", "How does a Mixture-of-Agents work?"],
+        env=env, capture_output=True, text=True,
+    )
+    ended = time.monotonic()
+    assert done.returncode == 0, done.stderr
+    requests = server.wait_for_requests(layers * proposers - proposers + 1, finished=True)
+    first = min(r["t_start"] for r in requests)
+    last = max(r["t_end"] for r in requests)
+    return first - started, ended - last, (ended - started) / critical_path(requests, layers, proposers)
+
+
+def first_cell(server: ChatServer, env: dict, layers: int, proposers: int) -> tuple[float, float]:
+    server.reset()
+    server.default_reply = REPLY
+    flags = " ".join(f"-p fake:m{i}" for i in range(proposers))
+    script = MAGIC_SCRIPT.format(layers=layers, proposers=flags)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    marks = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("CELL", "END")))
+    cell, end = float(marks["CELL"]), float(marks["END"])
+    requests = server.wait_for_requests(layers * proposers - proposers + 1, finished=True)
+    first = min(r["t_start"] for r in requests)
+    return first - cell, (end - cell) / critical_path(requests, layers, proposers)
+
+
+REPLY = Reply()
+
+
+def main() -> int:
+    global REPLY
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--proposers", type=int, default=6)
+    parser.add_argument("--delay", type=float, default=0.2)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    REPLY = Reply(delay=args.delay, text="a short answer")
+
+    with ChatServer() as server, tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "moa.toml"
+        config.write_text(TOML.format(url=server.url))
+        env = dict(os.environ, MOA_MAGIC_CONFIG=str(config), XDG_CACHE_HOME=tmp,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        one_command(server, env, args.layers, args.proposers)  # warm-up: the OS file cache
+        rows = [one_command(server, env, args.layers, args.proposers) for _ in range(args.runs)]
+        cells = [first_cell(server, env, args.layers, args.proposers) for _ in range(max(1, args.runs // 2))]
+
+    print(f"`moa` as a fresh process: {args.layers} layers × {args.proposers} proposers, "
+          f"{args.delay * 1000:.0f} ms per call, {args.runs} runs")
+    for label, index, goal in (("start -> first request", 0, "goal <= 150 ms"),
+                               ("last byte -> exit", 1, "")):
+        values = [r[index] * 1000 for r in rows]
+        print(f"  {label:24} best {min(values):6.1f} ms · median {statistics.median(values):6.1f} ms"
+              + (f" ({goal})" if goal else ""))
+    ratios = [r[2] for r in rows]
+    print(f"  {'command wall / critical':24} best {min(ratios):6.3f}    · median "
+          f"{statistics.median(ratios):6.3f}    (goal <= 1.10)")
+    print(f"first %%moa in a fresh IPython shell ({len(cells)} runs):")
+    print(f"  {'cell start -> request':24} best {min(c[0] for c in cells) * 1000:6.1f} ms · median "
+          f"{statistics.median(c[0] for c in cells) * 1000:6.1f} ms")
+    print(f"  {'cell wall / critical':24} best {min(c[1] for c in cells):6.3f}    · median "
+          f"{statistics.median(c[1] for c in cells):6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
