@@ -35,6 +35,8 @@ SETTINGS_RANGES = {
     "chunk_timeout": (0.001, 86_400, False),
     "call_timeout": (0.001, 86_400, False),
     "min_ok": (0, 1024, True),
+    "quorum": (0, 1024, True),  # 0: off
+    "deadline": (0, 86_400, False),  # 0: off
     "max_concurrency": CONCURRENCY,
     "backoff_base": (0, 3_600, False),
     "backoff_max": (0, 3_600, False),
@@ -147,6 +149,8 @@ class Preset:
     max_tokens: int = 512
     system: str | None = None
     aggregator_prompt: str | None = None
+    quorum: int | None = None  # None: the run's [settings]
+    deadline: float | None = None
     source: str = BUILTIN
 
 
@@ -160,6 +164,10 @@ class RunSettings:
     chunk_timeout: float = 60.0
     call_timeout: float = 300.0
     min_ok: int = 1
+    # early aggregation (core/policy.py): a layer goes on when `quorum` proposers succeeded, or
+    # `deadline` seconds after it started with what succeeded (at least min_ok); 0: off
+    quorum: int = 0
+    deadline: float = 0.0
     max_concurrency: int = 16
     backoff_base: float = 0.5
     backoff_max: float = 20.0
@@ -248,6 +256,7 @@ PROVIDER_KEYS = {
 }
 PRESET_KEYS = {
     "layers", "aggregator", "description", "temperature", "max_tokens", "system", "aggregator_prompt",
+    "quorum", "deadline",
 }
 
 
@@ -430,6 +439,10 @@ def _preset(name: str, table: dict, where: str) -> Preset:
         max_tokens=tokens,
         system=table.get("system"),
         aggregator_prompt=table.get("aggregator_prompt"),
+        quorum=_number(table["quorum"], where, section, "quorum", SETTINGS_RANGES["quorum"])
+        if "quorum" in table else None,
+        deadline=float(_number(table["deadline"], where, section, "deadline", SETTINGS_RANGES["deadline"]))
+        if "deadline" in table else None,
         source=where,
     )
 

@@ -25,6 +25,12 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
                                help="replace the judge's prompt; it must contain {question}, "
                                     "{answer_a} and {answer_b}")),
     (("--min-ok",), dict(type=int, metavar="N", help="proposers that must succeed for a layer to go on (default 1)")),
+    (("--quorum",), dict(type=int, metavar="K",
+                         help="early aggregation: a layer goes on as soon as K of its proposers "
+                              "answered; the rest are cut (billed for what they streamed). 0: off")),
+    (("--deadline",), dict(type=float, metavar="SECONDS",
+                           help="early aggregation: a layer goes on SECONDS after it started with "
+                                "the answers it has (at least --min-ok). 0: off")),
     (("--max-cost",), dict(type=float, metavar="USD",
                            help="do not start a run whose upper-bound cost exceeds USD "
                                 "(or whose cost is unknown); see --dry-run")),
@@ -38,8 +44,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
 ]
 
 RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
-            "system", "aggregator_prompt", "min_ok", "max_cost", "cache", "baseline", "judge",
-            "judge_prompt")
+            "system", "aggregator_prompt", "min_ok", "quorum", "deadline", "max_cost", "cache",
+            "baseline", "judge", "judge_prompt")
 # --dry-run is not a run() option: the CLI and the magic read it themselves.
 
 

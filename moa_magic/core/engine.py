@@ -15,8 +15,9 @@ from typing import Iterable
 from ..accounting.meter import Meter
 from ..providers import client, limits
 from . import method, side as side_calls
+from .policy import LayerPolicy, run_layer
 from .events import (
-    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
+    CallCut, CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
     RunFinished, RunStarted, TextDelta, emit,
 )
 from ..providers.cache import CachedReply, CallCache, origin, request_key
@@ -78,12 +79,17 @@ class Engine:
             limits = self._limits()
             side = side_calls.start(self, urls, limits)  # baselines run beside layer 1
             outputs: list[str] = []
+            settings = plan.settings
+            policy = LayerPolicy(settings.min_ok, settings.quorum, settings.deadline)
             for number, (calls, records) in enumerate(zip(plan.layers, result.layers), start=1):
                 layer_start = time.perf_counter()
-                await asyncio.gather(*(
-                    self._call(call, record, outputs, urls, limits)
-                    for call, record in zip(calls, records)
-                ))
+                cut, reason = await run_layer(
+                    [self._call(call, record, outputs, urls, limits)
+                     for call, record in zip(calls, records)],
+                    lambda: sum(r.ok for r in records), policy,
+                )
+                for index in cut:
+                    self._cut(records[index], reason, layer_start)
                 result.layer_seconds.append(time.perf_counter() - layer_start)
                 self.emit(LayerFinished(number, records))
                 succeeded = [r for r in records if r.ok]
@@ -215,6 +221,18 @@ class Engine:
             if self.cache is not None and not record.cached:
                 task = asyncio.create_task(self._keep(call, urls[call.provider.name], body, record))
                 self._keeping.add(task)
+
+    def _cut(self, record: CallRecord, reason: str, layer_start: float) -> None:
+        """A call its layer went on without (core/policy.py); billed for what it streamed."""
+        settings = self.plan.settings
+        record.cut_by = reason
+        record.status = Status.CANCELLED
+        record.error = (f"cut by quorum ({settings.quorum} proposers had answered)"
+                        if reason == "quorum" else f"cut by the {settings.deadline:g} s deadline")
+        if record.started_at is not None:
+            record.latency_s = time.perf_counter() - layer_start
+            record.attempts = len(record.retries) + 1
+        self.emit(CallCut(record))
 
     def _fail(self, record: CallRecord, error: str, started: float) -> None:
         record.latency_s = time.perf_counter() - started

@@ -51,6 +51,13 @@ class CallFailed:
 
 
 @dataclass(frozen=True)
+class CallCut(CallFailed):
+    """Cut by early aggregation (`record.cut_by`: quorum or deadline), its layer went on without it.
+    A CallFailed to every listener that knows no better: the node ends, the meter bills what it
+    streamed; its status is `cancelled`, not `failed`."""
+
+
+@dataclass(frozen=True)
 class LayerFinished:
     layer: int
     records: list[CallRecord]
@@ -62,7 +69,7 @@ class RunFinished:
 
 
 Event = Union[
-    RunStarted, CallStarted, TextDelta, CallRetrying, CallFinished, CallFailed, LayerFinished,
+    RunStarted, CallStarted, TextDelta, CallRetrying, CallFinished, CallFailed, CallCut, LayerFinished,
     RunFinished,
 ]
 Listener = Callable[[Event], None]

@@ -142,11 +142,15 @@ def build_plan(
     aggregator_prompt: str | None = None,
     min_ok: int | None = None,
     cache: bool | str | None = None,
+    quorum: int | None = None,
+    deadline: float | None = None,
     check_keys: bool = True,
 ) -> Plan:
     """Resolve options over a preset. Flags win over the preset's values.
 
     `cache`: True, False or "auto" (None: the config's `[settings] cache`); see providers/cache.py.
+    `quorum` / `deadline` (early aggregation, core/policy.py; 0 turns them off): the option, else
+    the preset's, else `[settings]`.
     `layers` is the paper's L: L-1 proposer layers, then the aggregator. With `proposers` given,
     every proposer layer uses that list; otherwise the preset's layers are cut or their last layer
     repeated to reach L-1.
@@ -215,8 +219,11 @@ def build_plan(
             config.settings,
             min_ok=config.settings.min_ok if min_ok is None else min_ok,
             cache=config.settings.cache if cache is None else cache_mode(cache, "cache="),
+            quorum=_first(quorum, chosen.quorum, config.settings.quorum),
+            deadline=float(_first(deadline, chosen.deadline, config.settings.deadline)),
         ),
     )
+    _check_early_aggregation(plan)
     if plan.layers and plan.settings.min_ok > min(len(layer) for layer in plan.layers):
         raise MoaUserError(
             f"min_ok is {plan.settings.min_ok} but a layer has only "
@@ -227,6 +234,31 @@ def build_plan(
     if check_keys:
         check_ready(plan)
     return plan
+
+
+def _first(*values):
+    return next(value for value in values if value is not None)
+
+
+def _check_early_aggregation(plan: Plan) -> None:
+    settings = plan.settings
+    quorum, deadline = settings.quorum, settings.deadline
+    if isinstance(quorum, bool) or not isinstance(quorum, int) or quorum < 0:
+        raise MoaUserError(f"--quorum must be a whole number of proposers (0: off), got {quorum!r}.")
+    if isinstance(deadline, bool) or not deadline >= 0 or deadline == float("inf"):
+        raise MoaUserError(f"--deadline must be a number of seconds (0: off), got {deadline!r}.")
+    if quorum and plan.layers:
+        narrowest = min(len(layer) for layer in plan.layers)
+        if quorum > narrowest:
+            raise MoaUserError(
+                f"--quorum {quorum} cannot be met: a layer has only {narrowest} proposers; give "
+                f"--quorum {narrowest} or less."
+            )
+        if quorum < settings.min_ok:
+            raise MoaUserError(
+                f"--quorum {quorum} is below min_ok={settings.min_ok}: a layer would go on with "
+                f"fewer answers than it needs; give --quorum {settings.min_ok} or more."
+            )
 
 
 def check_ready(plan: Plan) -> None:

@@ -67,6 +67,7 @@ class CallRecord:
     finish_reason: str | None = None  # as the server sent it: "stop", "length", ...
     cached: bool = False
     original_cost_usd: float | None = None
+    cut_by: str | None = None  # "quorum" or "deadline": cancelled by early aggregation (core/policy.py)
 
     @property
     def ok(self) -> bool:
@@ -138,6 +139,7 @@ class CallRecord:
             "price_source": self.price_source,
             "cached": self.cached,
             "original_cost_usd": self.original_cost_usd,
+            "cut_by": self.cut_by,
             "latency_s": self.latency_s,
             "ttft_s": self.ttft_s,
             "attempts": self.attempts,

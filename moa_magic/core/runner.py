@@ -226,7 +226,8 @@ def run(prompt: str, *, listeners: Iterable[Listener] = (), history=(), **option
     """Run a Mixture-of-Agents synchronously and return its result.
 
     Options: preset, proposers, aggregator, layers (the paper's L), temperature, max_tokens, system,
-    aggregator_prompt, min_ok, config (a Config or a path), baseline (a model or a list: single
+    aggregator_prompt, min_ok, quorum and deadline (early aggregation: see core/policy.py), config
+    (a Config or a path), baseline (a model or a list: single
     models on the bare prompt, beside layer 1), judge (a model comparing the final answer with
     each baseline in both orders), judge_prompt (replaces core/judge.py's), max_cost (USD: refuse to start a run
     whose upper-bound cost exceeds it or cannot be bounded), cache (True: serve every call from the
