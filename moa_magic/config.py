@@ -89,6 +89,10 @@ class Provider:
     host_env: str | None = None
     start_hint: str = ""
     base_url_from_user: bool = False
+    # How the server continues an assistant prefix (staircase streaming, core/staircase.py):
+    # "trailing" (a last assistant message is continued: llama.cpp's llama-server, the embedded
+    # model), "vllm" (continue_final_message), "mistral" (prefix: true); "": it cannot (or unknown)
+    prefill: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -252,8 +256,9 @@ def _parse(text: str, where: str) -> dict:
 TOP_KEYS = {"providers", "presets", "prices", "default_preset", "auto_presets", "settings"}
 PROVIDER_KEYS = {
     "base_url": str, "api_key_env": str, "local": bool, "models": list,
-    "price_provider": str, "max_concurrency": int, "host_env": str, "start_hint": str,
+    "price_provider": str, "max_concurrency": int, "host_env": str, "start_hint": str, "prefill": str,
 }
+PREFILL_KINDS = ("", "trailing", "vllm", "mistral")
 PRESET_KEYS = {
     "layers", "aggregator", "description", "temperature", "max_tokens", "system", "aggregator_prompt",
     "quorum", "deadline",
@@ -372,6 +377,9 @@ def _provider(name: str, table: dict, where: str, base: Provider | None, user: b
         fields["base_url_from_user"] = user
     if "max_concurrency" in fields:
         _number(fields["max_concurrency"], where, section, "max_concurrency", CONCURRENCY)
+    if fields.get("prefill", "") not in PREFILL_KINDS:
+        raise ConfigError(f"{where}: [{section}] prefill must be one of "
+                          f"{', '.join(repr(k) for k in PREFILL_KINDS)}, got {fields['prefill']!r}.")
     provider = replace(base, **fields) if base else Provider(name=name, **fields)
     if provider.api_key_env and "@" in urlsplit(provider.base_url).netloc:
         raise ConfigError(

@@ -31,6 +31,13 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--deadline",), dict(type=float, metavar="SECONDS",
                            help="early aggregation: a layer goes on SECONDS after it started with "
                                 "the answers it has (at least --min-ok). 0: off")),
+    (("--staircase",), dict(action="store_true", default=None,
+                            help="staircase streaming: the aggregator starts once every last-layer "
+                                 "proposer has streamed, and writes its answer in steps that see "
+                                 "more of their text (needs a server that continues an assistant "
+                                 "prefix: llama.cpp, vLLM, Mistral, local)")),
+    (("--staircase-chunk",), dict(type=int, metavar="TOKENS",
+                                  help="tokens the aggregator writes per staircase step (default 48)")),
     (("--max-cost",), dict(type=float, metavar="USD",
                            help="do not start a run whose upper-bound cost exceeds USD "
                                 "(or whose cost is unknown); see --dry-run")),
@@ -44,8 +51,8 @@ RUN_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
 ]
 
 RUN_KEYS = ("preset", "config", "proposers", "aggregator", "layers", "temperature", "max_tokens",
-            "system", "aggregator_prompt", "min_ok", "quorum", "deadline", "max_cost", "cache",
-            "baseline", "judge", "judge_prompt")
+            "system", "aggregator_prompt", "min_ok", "quorum", "deadline", "staircase",
+            "staircase_chunk", "max_cost", "cache", "baseline", "judge", "judge_prompt")
 # --dry-run is not a run() option: the CLI and the magic read it themselves.
 
 

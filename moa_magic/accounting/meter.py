@@ -5,7 +5,8 @@ that into figures on the call's record before any renderer hears of the event. S
 run that emits the same events (one prompt, a batch, a chat turn, a served request) is counted and
 billed the same way, by this one module.
 
-- CallStarted: the request's input tokens, counted from the exact messages sent.
+- CallStarted: the request's input tokens, counted from the exact messages sent; CallStep (a
+  staircase step, core/staircase.py) adds the next request's.
 - TextDelta: output tokens grow live; a retry starts them again from 0.
 - CallFinished: output tokens counted once more on the whole text (exact where a token spans two
   deltas), then priced (reported usage wins over counts, see `CallRecord.input_tokens`). A call
@@ -28,7 +29,8 @@ import threading
 from typing import TYPE_CHECKING
 
 from ..core.events import (
-    CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished, RunStarted, TextDelta,
+    CallFailed, CallFinished, CallRetrying, CallStarted, CallStep, Event, RunFinished, RunStarted,
+    TextDelta,
 )
 from ..core import side
 from ..core.result import Status
@@ -109,14 +111,17 @@ class Meter:
                 if isinstance(event, CallRetrying):
                     record.completion_tokens = 0
             return
-        if self._owed:
-            self._settle()
+        if self._owed and id(getattr(event, "record", None)) in self._settle():
+            return  # settled from its state now, which includes this event
         self._count(event)
 
     def _count(self, event: Event) -> None:
         if isinstance(event, CallStarted):
             record = event.record
             record.prompt_tokens = tokens.count_messages(self._call(record).model, record.messages)
+        elif isinstance(event, CallStep):
+            model = self._call(event.record).model
+            event.record.prompt_tokens += tokens.count_messages(model, event.step["messages"])
         elif isinstance(event, TextDelta):
             event.record.completion_tokens += self._count_delta(event.record, event.text)
         elif isinstance(event, CallRetrying):
@@ -130,19 +135,22 @@ class Meter:
                 if record.status == Status.CANCELLED and record.sent and record.cost_usd is None:
                     self._bill_partial(record)
 
-    def _settle(self) -> None:
-        """The figures owed since before the preparation was ready, from each record's state now."""
-        owed, self._owed = list(self._owed.values()), {}
-        for record in owed:
+    def _settle(self) -> set[int]:
+        """The figures owed since before the preparation was ready, from each record's state now;
+        the ids of the records settled."""
+        owed, self._owed = self._owed, {}
+        for record in owed.values():
             model = self._call(record).model
             if record.started_at is not None and record.prompt_tokens is None:
-                record.prompt_tokens = tokens.count_messages(model, record.messages)
+                requests = [step["messages"] for step in record.steps] or [record.messages]
+                record.prompt_tokens = sum(tokens.count_messages(model, m) for m in requests)
             if record.status == Status.DONE:
                 self._finish(record)
             else:
                 record.completion_tokens = tokens.count_text(model, record.text)
-                if record.status == Status.FAILED:
+                if record.status == Status.FAILED or record.cut_by:
                     self._bill_partial(record)
+        return set(owed)
 
     def _finish(self, record: CallRecord) -> None:
         record.completion_tokens = tokens.count_text(self._call(record).model, record.text)

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..accounting.meter import Meter
 from ..providers import client, limits
-from . import method, side as side_calls
+from . import method, side as side_calls, staircase
 from .policy import LayerPolicy, run_layer
 from .events import (
     CallCut, CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
@@ -65,6 +65,7 @@ class Engine:
         side_calls.add_records(plan, self.result)  # baselines and judge (core/side.py), if any
         self._health: dict[str, object] = {}  # provider name -> async "is the server dead?"
         self._keeping: set[asyncio.Task] = set()  # cache writes, off the layers' critical path
+        self.progress = asyncio.Event()  # set whenever a call streams or ends (core/staircase.py)
 
     def emit(self, event: Event) -> None:
         emit(self.listeners, event)
@@ -81,7 +82,12 @@ class Engine:
             outputs: list[str] = []
             settings = plan.settings
             policy = LayerPolicy(settings.min_ok, settings.quorum, settings.deadline)
+            overlapped = len(plan.layers) if plan.staircase_chunk else None
             for number, (calls, records) in enumerate(zip(plan.layers, result.layers), start=1):
+                if number == overlapped:
+                    await staircase.run(self, calls, records, outputs, urls, limits,
+                                        plan.staircase_chunk)
+                    return self._ended()
                 layer_start = time.perf_counter()
                 cut, reason = await run_layer(
                     [self._call(call, record, outputs, urls, limits)
@@ -110,12 +116,7 @@ class Engine:
             await self._call(plan.aggregator, result.aggregator, outputs, urls, limits)
             result.layer_seconds.append(time.perf_counter() - layer_start)
             self.emit(LayerFinished(len(plan.layers) + 1, [result.aggregator]))
-            if result.aggregator.ok:
-                result.status = Status.DONE
-            else:
-                result.status = Status.FAILED
-                result.error = f"aggregator {result.aggregator.model} failed: {result.aggregator.error}"
-            return result
+            return self._ended()
         except asyncio.CancelledError:
             result.status = Status.CANCELLED
             result.error = "interrupted"
@@ -139,6 +140,15 @@ class Engine:
                     await asyncio.wait(self._keeping)
             finally:
                 self.emit(RunFinished(result))
+
+    def _ended(self) -> MoaResult:
+        result = self.result
+        if result.aggregator.ok:
+            result.status = Status.DONE
+        else:
+            result.status = Status.FAILED
+            result.error = f"aggregator {result.aggregator.model} failed: {result.aggregator.error}"
+        return result
 
     async def _base_urls(self) -> dict[str, str]:
         urls = {}
@@ -188,6 +198,7 @@ class Engine:
                 if record.ttft_s is None:
                     record.ttft_s = time.perf_counter() - started
                 self.emit(TextDelta(record, text))
+                self.progress.set()
 
             def on_retry(attempt: int, reason: str, delay: float) -> None:
                 record.text, record.ttft_s = "", None
@@ -218,6 +229,7 @@ class Engine:
                 record.price_source = f"cached; first paid per {reply.price_source}"
             record.status = Status.DONE
             self.emit(CallFinished(record))  # the meter prices it first
+            self.progress.set()
             if self.cache is not None and not record.cached:
                 task = asyncio.create_task(self._keep(call, urls[call.provider.name], body, record))
                 self._keeping.add(task)
@@ -240,6 +252,7 @@ class Engine:
         record.error = error
         record.attempts = len(record.retries) + 1
         self.emit(CallFailed(record))
+        self.progress.set()
 
     # --- the request cache (providers/cache.py) ---------------------------------------------------
 

@@ -41,6 +41,15 @@ class CallRetrying:
 
 
 @dataclass(frozen=True)
+class CallStep:
+    """A further request of the same call (a staircase step, core/staircase.py) goes out;
+    `step` is `record.steps[-1]`, its messages under "messages"."""
+
+    record: CallRecord
+    step: dict
+
+
+@dataclass(frozen=True)
 class CallFinished:
     record: CallRecord
 
@@ -69,7 +78,7 @@ class RunFinished:
 
 
 Event = Union[
-    RunStarted, CallStarted, TextDelta, CallRetrying, CallFinished, CallFailed, CallCut, LayerFinished,
+    RunStarted, CallStarted, TextDelta, CallRetrying, CallStep, CallFinished, CallFailed, CallCut, LayerFinished,
     RunFinished,
 ]
 Listener = Callable[[Event], None]

@@ -58,6 +58,7 @@ def _record(data: dict) -> CallRecord:
         ttft_s=data.get("ttft_s"), attempts=int(data.get("attempts") or 0),
         retries=[str(r) for r in data.get("retries") or []], cached=bool(data.get("cached")),
         original_cost_usd=data.get("original_cost_usd"), finish_reason=data.get("finish_reason"),
+        cut_by=data.get("cut_by"), steps=[dict(s) for s in data.get("staircase") or [] if isinstance(s, dict)],
     )
 
 

@@ -39,6 +39,7 @@ class Plan:
     baselines: tuple[ModelCall, ...] = ()
     judge: ModelCall | None = None
     judge_prompt: str | None = None
+    staircase_chunk: int = 0  # tokens per staircase step (core/staircase.py); 0: off
 
     @property
     def shape(self) -> str:
@@ -144,13 +145,16 @@ def build_plan(
     cache: bool | str | None = None,
     quorum: int | None = None,
     deadline: float | None = None,
+    staircase: bool | None = None,
+    staircase_chunk: int | None = None,
     check_keys: bool = True,
 ) -> Plan:
     """Resolve options over a preset. Flags win over the preset's values.
 
     `cache`: True, False or "auto" (None: the config's `[settings] cache`); see providers/cache.py.
     `quorum` / `deadline` (early aggregation, core/policy.py; 0 turns them off): the option, else
-    the preset's, else `[settings]`.
+    the preset's, else `[settings]`. `staircase`: overlap the aggregator with the last proposer
+    layer, writing `staircase_chunk` tokens per step (core/staircase.py).
     `layers` is the paper's L: L-1 proposer layers, then the aggregator. With `proposers` given,
     every proposer layer uses that list; otherwise the preset's layers are cut or their last layer
     repeated to reach L-1.
@@ -222,8 +226,13 @@ def build_plan(
             quorum=_first(quorum, chosen.quorum, config.settings.quorum),
             deadline=float(_first(deadline, chosen.deadline, config.settings.deadline)),
         ),
+        staircase_chunk=_staircase_chunk(staircase, staircase_chunk),
     )
     _check_early_aggregation(plan)
+    if plan.staircase_chunk:
+        from .staircase import check_supported
+
+        check_supported(plan)
     if plan.layers and plan.settings.min_ok > min(len(layer) for layer in plan.layers):
         raise MoaUserError(
             f"min_ok is {plan.settings.min_ok} but a layer has only "
@@ -238,6 +247,18 @@ def build_plan(
 
 def _first(*values):
     return next(value for value in values if value is not None)
+
+
+def _staircase_chunk(staircase: bool | None, chunk: int | None) -> int:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise MoaUserError(f"--staircase-chunk must be a whole number of tokens of at least 1, got {chunk!r}.")
+    if not staircase:
+        if chunk is not None:
+            raise MoaUserError("--staircase-chunk sets the staircase's step size: add --staircase.")
+        return 0
+    from .staircase import DEFAULT_CHUNK
+
+    return chunk or DEFAULT_CHUNK
 
 
 def _check_early_aggregation(plan: Plan) -> None:

@@ -68,6 +68,8 @@ class CallRecord:
     cached: bool = False
     original_cost_usd: float | None = None
     cut_by: str | None = None  # "quorum" or "deadline": cancelled by early aggregation (core/policy.py)
+    # a staircase aggregator's steps (core/staircase.py): what each chunk of the answer saw
+    steps: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -140,6 +142,7 @@ class CallRecord:
             "cached": self.cached,
             "original_cost_usd": self.original_cost_usd,
             "cut_by": self.cut_by,
+            "staircase": [{k: v for k, v in step.items() if k != "messages"} for step in self.steps],
             "latency_s": self.latency_s,
             "ttft_s": self.ttft_s,
             "attempts": self.attempts,

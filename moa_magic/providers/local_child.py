@@ -44,6 +44,25 @@ for _k in list(os.environ):
     if _k.lower() in _names:
         del os.environ[_k]
 
+# A trailing assistant message is a prefix to continue, as llama.cpp's own llama-server does by
+# default ("assistant prefill"): llama_cpp.server would close that turn and open a new one. The
+# prompt is the model's own chat template up to the reply's start, then the prefix (staircase
+# streaming, core/staircase.py, continues its answer so).
+from llama_cpp import llama_chat_format as _chat_format
+
+_render = _chat_format.Jinja2ChatFormatter.__call__
+
+
+def _render_with_prefill(self, *, messages, **kwargs):
+    if len(messages) < 2 or messages[-1].get("role") != "assistant":
+        return _render(self, messages=messages, **kwargs)
+    response = _render(self, messages=messages[:-1], **kwargs)
+    response.prompt += messages[-1].get("content") or ""
+    return response
+
+
+_chat_format.Jinja2ChatFormatter.__call__ = _render_with_prefill
+
 import runpy
 sys.argv[0] = "llama_cpp.server"
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
