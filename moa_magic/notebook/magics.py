@@ -235,6 +235,8 @@ class MoaMagics(Magics):
             return chat_cell(self, args, prompt, options)
         from ..core import runner
 
+        if not args.dry_run:
+            runner.warm_up()  # the HTTP client imports while the config and plan are read
         if args.dry_run:
             display(runner.estimate_run(prompt, **options))
             return None
@@ -487,9 +489,6 @@ def load(shell) -> None:
     if isinstance(shell.magics_manager.registry.get("MoaMagics"), Magics):
         return
     shell.register_magics(MoaMagics(shell=shell))
-    from ..core.runner import warm_up
-
-    warm_up()  # the first %%moa then finds the HTTP client imported and the worker loop running
 
 
 def unload(shell) -> None:
