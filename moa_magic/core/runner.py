@@ -83,6 +83,8 @@ def warm_up() -> None:
 
 
 async def _transport_ready() -> None:
+    import aiohttp  # noqa: F401 - first: it needs none of our modules, which the caller is importing
+
     from ..providers import http
     from . import engine  # noqa: F401 - imported for its side effect: the modules are loaded
 
