@@ -136,6 +136,22 @@ class CacheInfo:
         printer.text(self.text())
 
 
+_thread_pool = None
+
+
+def _cache_thread():
+    """One thread for every cache file of the process: a connection needs no more, and runs keep a
+    fixed thread count (asyncio's default pool grows with the calls in flight, a pool per file
+    would come and go with the files)."""
+    global _thread_pool
+    with _open_lock:
+        if _thread_pool is None:
+            import concurrent.futures
+
+            _thread_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moa-cache")
+        return _thread_pool
+
+
 class RequestCache:
     """One cache file. Thread-safe (one connection, one lock); the connection opens on first use."""
 
@@ -144,16 +160,10 @@ class RequestCache:
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._lock = threading.Lock()
         self._db = None
-        self._thread = None
 
     async def call(self, method, *args):
-        """`method(*args)` on this store's own thread: one connection needs no more, and runs stay
-        at a fixed thread count (asyncio's default pool would grow with the calls in flight)."""
-        if self._thread is None:
-            import concurrent.futures
-
-            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="moa-cache")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, method, *args)
+        """`method(*args)` on the cache's one thread (see `_cache_thread`)."""
+        return await asyncio.get_running_loop().run_in_executor(_cache_thread(), method, *args)
 
     def _connection(self):
         import sqlite3
