@@ -392,11 +392,18 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
             batch = events.feed(raw)
         except EventTooLarge as exc:
             raise CallError(f"{provider.name} sent {exc}, more than a reply can hold") from None
-        for event in batch:
-            if _handle_event(event.data, event.type, provider, on_delta, reply):
-                if not reply.saw_choices:
-                    raise CallError(f"{provider.name} sent a stream with no choices")
-                return
+        # The deltas of one read arrived together: they reach the engine as one piece, so a fast
+        # stream costs one event per read, not per token (each delta is still parsed and checked).
+        pieces: list[str] = []
+        try:
+            for event in batch:
+                if _handle_event(event.data, event.type, provider, pieces.append, reply):
+                    if not reply.saw_choices:
+                        raise CallError(f"{provider.name} sent a stream with no choices")
+                    return
+        finally:
+            if pieces:
+                on_delta("".join(pieces))
     if reply.finish_reason is not None:
         return  # complete reply, only the closing [DONE] is missing: keep it
     raise CallError(
@@ -405,13 +412,16 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
     )
 
 
+_decode_json = json.JSONDecoder().decode  # json.loads less its per-call checks: one per delta
+
+
 def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> bool:
     """One SSE event; True at `[DONE]`. Events of a type other than "message" carry no text: only
     an error in one counts."""
     if payload.strip() == "[DONE]":
         return True
     try:
-        chunk = json.loads(payload)
+        chunk = _decode_json(payload)
     except ValueError:
         if kind != "message":
             return False

@@ -95,6 +95,12 @@ class EventStream:
             raise EventTooLarge(f"an event over {self.max_event // 2**20} MiB")
 
     def _line(self, line: str, events: list[Event]) -> None:
+        if line.startswith("data: "):  # nearly every line of a chat stream: the short way
+            self._data_size += len(line) - 5
+            if self._data_size > self.max_event:
+                self._check(0)
+            self._data.append(line[6:])
+            return
         if not line:
             if self._data:
                 data = "\n".join(self._data)
