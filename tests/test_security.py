@@ -21,7 +21,7 @@ from aiohttp import web
 
 import moa_magic
 from chat_server import Reply
-from moa_magic.providers import client
+from moa_magic.providers import client, redact
 from moa_magic.core import runner
 from moa_magic.errors import RunFailed
 from moa_magic.render.static import result_text
@@ -216,12 +216,12 @@ def test_partial_key_echo_stays_readable_but_a_full_echo_is_scrubbed(chat_server
 
 def test_redact_scrubs_the_key_and_long_pieces_of_it():
     key = "sk-proj-Abcdefghijklmnopqrstuvwxyz0123456789"
-    assert client.redact(f"a {key} b {key}", key) == "a *** b ***"
-    assert client.redact(f"tail {key[-20:]} head {key[:15]}", key) == "tail *** head ***"
+    assert redact.redact(f"a {key} b {key}", key) == "a *** b ***"
+    assert redact.redact(f"tail {key[-20:]} head {key[:15]}", key) == "tail *** head ***"
     # what OpenAI echoes (prefix and the last four) stays: it identifies the key, not reveals it
-    assert client.redact("sk-proj-********6789", key) == "sk-proj-********6789"
-    assert client.redact("nothing here", key) == "nothing here"
-    assert client.redact("no key set", None) == "no key set"
+    assert redact.redact("sk-proj-********6789", key) == "sk-proj-********6789"
+    assert redact.redact("nothing here", key) == "nothing here"
+    assert redact.redact("no key set", None) == "no key set"
 
 
 def test_the_cli_never_prints_the_key(chat_server, keyed):

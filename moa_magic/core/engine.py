@@ -13,7 +13,7 @@ import traceback
 from typing import Iterable
 
 from ..accounting.meter import Meter
-from ..providers import client, limits
+from ..providers import client, limits, redact
 from . import method, side as side_calls, staircase
 from .policy import LayerPolicy, run_layer
 from .events import (
@@ -212,7 +212,7 @@ class Engine:
                 return
             except Exception as exc:  # never let one call's surprise end the layer
                 def scrub(text: str) -> str:  # the traceback's text is scrubbed of secrets too
-                    return client.scrub(text, call.provider, urls[call.provider.name])
+                    return redact.scrub(text, call.provider, urls[call.provider.name])
 
                 trace = scrub("".join(traceback.format_exception(exc)))
                 log.error("unexpected error in call %s\n%s", record.model, trace.rstrip())

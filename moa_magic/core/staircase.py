@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MoaUserError
 from . import method
-from .events import CallFailed, CallFinished, CallStarted, CallStep, LayerFinished, TextDelta
+from .events import CallFinished, CallStarted, CallStep, LayerFinished, TextDelta
 from .result import CallRecord, Status
 
 if TYPE_CHECKING:

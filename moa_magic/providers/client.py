@@ -25,11 +25,10 @@ import aiohttp
 
 from ..config import Provider, RunSettings, redact_url
 from . import http
+from .redact import wire_safe_value, scrub, wire_safe
 from .sse import EventStream, EventTooLarge
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
-# A run of this many characters of the key in a server message is scrubbed (see `redact`).
-KEY_FRAGMENT = 10
 # A whole (non-streamed) reply may be this large; error bodies are read up to ERROR_BODY_MAX.
 BODY_MAX = 32 * 2**20
 ERROR_BODY_MAX = 64 * 2**10
@@ -37,29 +36,6 @@ ERROR_BODY_MAX = 64 * 2**10
 EVENT_MAX = 8 * 2**20
 # Servers that refused `stream_options` once are not sent it again (keyed by base URL).
 _no_stream_options: set[str] = set()
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def wire_safe(text: str) -> str:
-    """`text` with lone surrogates (valid JSON, `"\\ud800"`, but not encodable) replaced by U+FFFD."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
-
-
-def _wire_safe_value(value):
-    """A JSON value (e.g. a server's `usage`) with every string made `wire_safe`."""
-    if isinstance(value, str):
-        return wire_safe(value)
-    if isinstance(value, dict):
-        return {wire_safe(str(k)): _wire_safe_value(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_wire_safe_value(v) for v in value]
-    return value
 
 
 class CallError(Exception):
@@ -110,52 +86,6 @@ def _server_message(status: int, body: str) -> str:
     text = re.sub(r"<[^>]*>", " ", body)
     text = " ".join(text.split())
     return text[:300] or f"HTTP {status} with an empty body"
-
-
-def redact(text: str, key: str | None) -> str:
-    """`text` with the API key scrubbed: servers echo keys (fully or in part) in error messages.
-
-    Every occurrence of the whole key, and of any fragment of it of KEY_FRAGMENT characters or
-    more, becomes `***`; a short public prefix such as `sk-live-` may remain.
-    """
-    if not key or not text or len(key) < 4:
-        return text
-    if len(key) <= KEY_FRAGMENT:
-        return text.replace(key, "***")
-    spans = []
-    for start in range(len(key) - KEY_FRAGMENT + 1):
-        piece = key[start:start + KEY_FRAGMENT]
-        found = text.find(piece)
-        while found != -1:
-            spans.append((found, found + KEY_FRAGMENT))
-            found = text.find(piece, found + 1)
-    if not spans:
-        return text
-    spans.sort()
-    merged = [list(spans[0])]
-    for begin, end in spans[1:]:
-        if begin <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([begin, end])
-    out, last = [], 0
-    for begin, end in merged:
-        out.append(text[last:begin] + "***")
-        last = end
-    return "".join(out) + text[last:]
-
-
-def secrets(provider: Provider, base_url: str) -> list[str]:
-    """What must never be shown for this call: the API key and a password in the base URL."""
-    _, password, _ = http.split_credentials(base_url)
-    return [s for s in (provider.api_key(), password) if s]
-
-
-def scrub(text: str, provider: Provider, base_url: str) -> str:
-    """`text` with every secret of the call redacted, and URLs shown without credentials."""
-    for secret in secrets(provider, base_url):
-        text = redact(text, secret)
-    return text
 
 
 def _retry_after(headers) -> float | None:
@@ -358,7 +288,7 @@ def _read_whole(text: str, provider, on_delta, reply: Reply) -> None:
     content = message.get("content") if isinstance(message, dict) else None
     reply.finish_reason = _finish_reason(choices[0])
     if isinstance(data.get("usage"), dict):
-        reply.usage = _wire_safe_value(data["usage"])
+        reply.usage = wire_safe_value(data["usage"])
     if isinstance(content, str) and content:
         content = wire_safe(content)
         reply.parts.append(content)
@@ -438,7 +368,7 @@ def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> 
     if kind != "message":
         return False
     if isinstance(chunk.get("usage"), dict):
-        reply.usage = _wire_safe_value(chunk["usage"])
+        reply.usage = wire_safe_value(chunk["usage"])
     choices = chunk.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
