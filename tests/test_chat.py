@@ -85,6 +85,11 @@ def test_named_chats_are_separate_and_unknown_ones_say_how_to_start(config, shel
     with capture_output():
         result = shell.run_cell("%moa chat show three")
     assert "%%moa --chat three" in str(result.error_in_exec)
+    requests = len(chat_server.chat_requests)
+    with capture_output():
+        result = shell.run_cell("%%moa --preset fake --max-history-turns 2\nno chat here")
+    assert "use it with --chat" in str(result.error_in_exec)  # not silently ignored
+    assert len(chat_server.chat_requests) == requests
 
 
 def test_the_history_bound_drops_the_oldest_turns_and_says_so(config, chat_server):

@@ -42,6 +42,14 @@ def _checked_name(name: str) -> str:
     return name
 
 
+def check_history_options(args) -> None:
+    """History bounds outside a conversation would be silently ignored: say so instead."""
+    for flag, value in (("--max-history-turns", args.max_history_turns),
+                        ("--max-history-tokens", args.max_history_tokens)):
+        if value is not None:
+            raise UsageError(f"{flag} bounds a conversation's history: use it with --chat [NAME].")
+
+
 def chat_cell(magics, args, prompt: str, options: dict) -> None:
     """Run the cell as the next turn of the conversation `args.chat`."""
     from ..core import runner

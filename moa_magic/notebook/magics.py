@@ -229,10 +229,11 @@ class MoaMagics(Magics):
         # blank lines around the prompt are layout, not content (indentation of the first line is kept)
         prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
         options = run_options(args, **self._defaults())
-        if args.chat is not None:
-            from .chat import chat_cell
+        from .chat import chat_cell, check_history_options
 
+        if args.chat is not None:
             return chat_cell(self, args, prompt, options)
+        check_history_options(args)
         from ..core import runner
 
         if not args.dry_run:
