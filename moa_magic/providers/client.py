@@ -209,39 +209,45 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
     except aiohttp.ClientError as exc:
         raise CallError(f"connection to {provider.name} failed: {exc}", retryable=True) from None
     async with response:
-        if response.status != 200:
-            text = await _read_text(response, settings, ERROR_BODY_MAX)
-            message = _server_message(response.status, text)
-            if with_options and response.status in (400, 422) and "stream_options" in text:
-                # Some servers reject stream_options; retry once without and remember.
-                _no_stream_options.add(base_url)
-                try:
-                    return await _attempt(provider, base_url, body, settings, on_delta, reply)
-                except CallError as retry_error:
-                    _no_stream_options.discard(base_url)
-                    if retry_error.status not in (400, 422):
-                        raise
-            hint = ""
-            if response.status == 401 and provider.api_key_env:
-                hint = f" — check the key in {provider.api_key_env}"
-            raise CallError(
-                f"HTTP {response.status} from {provider.name}: {message}{hint}",
-                retryable=response.status in RETRY_STATUSES,
-                retry_after=_retry_after(response.headers),
-                status=response.status,
-            )
-        kind = response.content_type
-        if kind == "text/event-stream":
-            await _read_stream(response, provider, settings, on_delta, reply)
-        elif kind == "application/json":
-            text = await _read_text(response, settings, BODY_MAX, whole=True)
-            _read_whole(text, provider, on_delta, reply)
-        else:
-            snippet = _server_message(200, await _read_text(response, settings, ERROR_BODY_MAX))
-            raise CallError(
-                f"{provider.name} answered with {kind or 'no content type'}, not a chat-completions "
-                f"stream (is base_url {shown_url} right?): {snippet[:200]}"
-            )
+        try:
+            if response.status != 200:
+                text = await _read_text(response, settings, ERROR_BODY_MAX)
+                message = _server_message(response.status, text)
+                if with_options and response.status in (400, 422) and "stream_options" in text:
+                    # Some servers reject stream_options; retry once without and remember.
+                    _no_stream_options.add(base_url)
+                    try:
+                        return await _attempt(provider, base_url, body, settings, on_delta, reply)
+                    except CallError as retry_error:
+                        _no_stream_options.discard(base_url)
+                        if retry_error.status not in (400, 422):
+                            raise
+                hint = ""
+                if response.status == 401 and provider.api_key_env:
+                    hint = f" — check the key in {provider.api_key_env}"
+                raise CallError(
+                    f"HTTP {response.status} from {provider.name}: {message}{hint}",
+                    retryable=response.status in RETRY_STATUSES,
+                    retry_after=_retry_after(response.headers),
+                    status=response.status,
+                )
+            kind = response.content_type
+            if kind == "text/event-stream":
+                await _read_stream(response, provider, settings, on_delta, reply)
+            elif kind == "application/json":
+                text = await _read_text(response, settings, BODY_MAX, whole=True)
+                _read_whole(text, provider, on_delta, reply)
+            else:
+                snippet = _server_message(200, await _read_text(response, settings, ERROR_BODY_MAX))
+                raise CallError(
+                    f"{provider.name} answered with {kind or 'no content type'}, not a chat-completions "
+                    f"stream (is base_url {shown_url} right?): {snippet[:200]}"
+                )
+        except BaseException:
+            # Given up mid-reply (a cancel, a timeout, a bad chunk): close the connection. Released
+            # to the pool half-read, it would leave the server writing the rest of the stream.
+            response.close()
+            raise
     return reply
 
 
