@@ -1,12 +1,12 @@
 """Static renditions of a run: text, Markdown and HTML that survive saving, GitHub and nbconvert.
 
-Widgets vanish from a notebook reopened without widget state (and never show on GitHub), so the
-magic displays a `StaticRun` as a separate output after the live tree, and `MoaResult`'s own reprs
-(`_moa`, `Out[n]`) come from here too: importing this module plugs them in (`set_renditions`).
+Widgets vanish from a notebook reopened without widget state (and never show on GitHub), so when a
+run ends the magic puts a `StaticRun` in place of the live tree (its HTML form is the finished
+view, render/view.py), and `MoaResult`'s own reprs (`_moa`, `Out[n]`) come from here too:
+importing this module plugs them in (`set_renditions`).
 
 Model text (and error text from servers) is untrusted:
-- HTML: model text goes through `sanitize.render`, every other string through `html.escape`;
-  proposer answers sit in `<details>` blocks (closed), the final answer is shown open.
+- HTML: model text goes through `sanitize.render`, every other string through `html.escape`.
 - Markdown: some front ends render a text/markdown output without sanitizing it, so `<` is written
   as `&lt;` (raw HTML can never form) and links whose URL `sanitize` would refuse are broken
   up. The price: `<` inside code spans/blocks of the Markdown form reads `&lt;`. Front ends prefer
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 from ..accounting.totals import Totals
 from ..core.result import Status, set_renditions
-from .format import call_summary, header_prefix, header_text, shown_error, totals_line
-from .terminal import terminal_safe
+from .format import call_summary, header_text, shown_error, totals_line
+from .terminal import proposer_block, terminal_safe
 
 if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
@@ -110,7 +110,7 @@ def call_body_html(record: CallRecord, error: str | None = None) -> str:
     parts = []
     error = error or record.error
     if error:
-        parts.append(f'<div class="moa-error" style="color:#b00020">✗ {esc(error)}</div>')
+        parts.append(f'<div class="moa-error" style="color:var(--jp-error-color1,#b00020)">✗ {esc(error)}</div>')
     if record.text:
         parts.append(render(record.text))
     elif record.status in Status.PENDING:
@@ -129,7 +129,7 @@ def final_body_html(result: MoaResult) -> str:
     else:
         body = call_body_html(agg)
     if result.status in (Status.FAILED, Status.CANCELLED) and result.error and not agg.error:
-        body = f'<div class="moa-error" style="color:#b00020">✗ {esc(result.status)}: {esc(result.error)}</div>' + body
+        body = f'<div class="moa-error" style="color:var(--jp-error-color1,#b00020)">✗ {esc(result.status)}: {esc(result.error)}</div>' + body
     return body
 
 
@@ -155,9 +155,9 @@ def result_text(result: MoaResult) -> str:
 
 
 def result_markdown(result: MoaResult) -> str:
-    out = [f"**{md_inline(header_text(result))}**", ""]
+    out = [md_inline(header_text(result)), ""]
     if result.ok:
-        out += [md_safe(result.final), ""]
+        out += ["**Answer**", "", md_safe(result.final), ""]
     else:
         out += [f"**{md_inline(result.status)}:** {md_inline(result.error or 'no final answer')}", ""]
     for number, records in enumerate(result.layers, start=1):
@@ -172,35 +172,26 @@ def result_markdown(result: MoaResult) -> str:
 
 
 def result_html(result: MoaResult) -> str:
-    parts = [
-        '<div class="moa-static">',
-        f'<div class="moa-static-header" style="font-weight:bold">{esc(header_prefix(result))} · '
-        f"{Totals.of(result.calls()).html()}</div>",
-    ]
-    for number, records in enumerate(result.layers, start=1):
-        parts.append(
-            f'<details class="moa-static-layer" data-layer="{number}">'
-            f"<summary>{esc(layer_title(number, records))}</summary>"
-            '<div style="margin-left:1.2em">'
-        )
+    """The finished view (render/view.py), which builds on the pieces above."""
+    from .view import finished_html
+
+    return finished_html(result)
+
+
+def result_text_with_proposers(result: MoaResult) -> str:
+    """Every proposer's text by layer, then the final answer (`%moa last` in a terminal)."""
+    lines = [terminal_safe(header_text(result))]
+    for records in result.layers:
         for r in records:
-            parts.append(
-                f'<details class="moa-static-node" data-layer="{r.layer}" data-index="{r.index}" '
-                f'data-model="{esc(r.model)}" data-status="{esc(r.status)}">'
-                f"<summary>{esc(node_title(r))}</summary>"
-                f'<div class="moa-static-text" style="margin-left:1.2em">'
-                f"{call_body_html(r, shown_error(r, result.calls()))}</div>"
-                "</details>"
-            )
-        parts.append("</div></details>")
-    agg = result.aggregator
-    parts.append(
-        f'<div class="moa-static-final" data-status="{esc(result.status)}">'
-        f'<div class="moa-static-final-title" style="font-style:italic">{esc(node_title(agg))}</div>'
-        f"{final_body_html(result)}</div>"
-    )
-    parts.append(comparison_html(result) + "</div>")  # baselines beside the final, see below
-    return "".join(parts)
+            lines += ["", proposer_block(r, shown_error(r, result.calls()))]
+    lines += ["", "── Answer " + "─" * 30]
+    if result.ok:
+        lines.append(terminal_safe(result.final))
+    else:
+        lines.append(terminal_safe(f"{result.status}: {result.error or 'no final answer'}"))
+    lines.append(terminal_safe(totals_line(result)))
+    lines += [terminal_safe(comparison_text(result))] if result.baselines else []
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------
