@@ -336,6 +336,25 @@ def test_moa_list_shows_key_status_never_the_key(shell, config, monkeypatch):
         assert "fake" in data[form] and "other" in data[form]
 
 
+def test_moa_list_marks_the_default_and_probes_local_servers(shell, config, chat_server, monkeypatch):
+    """A server on this machine shows whether it answers now, not a ✓ for a key it does not need."""
+    import socket
+
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{port}")
+    monkeypatch.setattr(MoaMagics, "preset", "")
+    config.write_text(f'default_preset = "other"\n' + config.read_text())
+    data = run(shell, "%moa list").outputs[0].data
+    text = data["text/plain"]
+    fake_at = chat_server.url.split("//")[1].split("/")[0]
+    assert f"✓ fake        answers at {fake_at}" in text
+    assert f"✗ ollama      nothing answers at 127.0.0.1:{port}" in text
+    assert "* other " in text and "* fake " not in text
+    assert "<code>other</code> <b>(default)</b>" in data["text/html"]
+
+
 def test_moa_show(shell, config):
     cap = run(shell, "%moa show other")
     text = cap.outputs[0].data["text/plain"]
