@@ -41,14 +41,14 @@ CSS = """<style>
 .moa-view details { margin: 4px 0; }
 .moa-view summary { cursor: pointer; color: var(--jp-ui-font-color1, #1f1f1f); }
 .moa-view .moa-section-title { font-weight: 600; }
-.moa-diff { font-size: var(--jp-ui-font-size0, 11px); max-height: 12em; overflow: auto; }
+.moa-diff { font-size: 0.92em; max-height: 12em; overflow: auto; }
 .moa-diff ins { background: rgba(46, 160, 67, 0.25); text-decoration: none; }
 .moa-diff del { background: rgba(248, 81, 73, 0.25); }
-.moa-matrix { border-collapse: collapse; font-size: var(--jp-ui-font-size0, 11px); margin: 2px 0 6px; }
+.moa-matrix { border-collapse: collapse; font-size: var(--jp-ui-font-size1, 13px); margin: 2px 0 6px; }
 .moa-matrix td, .moa-matrix th { border: 1px solid var(--jp-border-color2, #e0e0e0); padding: 1px 6px;
   text-align: center; font-weight: normal; }
-.moa-bar { display: flex; align-items: center; gap: 6px; font-size: var(--jp-ui-font-size0, 11px); }
-.moa-bar-label { flex: 0 0 14em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.moa-bar { display: flex; align-items: center; gap: 6px; font-size: var(--jp-ui-font-size1, 13px); }
+.moa-bar-label { flex: 0 0 16em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .moa-bar-track { flex: 0 1 240px; height: 8px; background: var(--jp-layout-color3, #bdbdbd); }
 .moa-bar-fill { height: 8px; background: var(--jp-brand-color1, #1976d2); }
 .moa-prompt pre { white-space: pre-wrap; max-height: 16em; overflow: auto;

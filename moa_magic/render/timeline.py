@@ -107,12 +107,22 @@ def timeline_svg(result: MoaResult) -> str:
     width = LABEL_W + PLOT_W + RIGHT_PAD
     out = [
         f'<svg class="moa-timeline-svg" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-        f'width="100%" style="max-width:{width}px;font-family:inherit;font-size:11px" role="img" '
+        f'width="100%" style="max-width:{width}px;font-family:inherit;font-size:12px" role="img" '
         f'aria-label="timeline of every call">'
     ]
     for t in _ticks(t_max):
         out.append(f'<line x1="{x(t)}" y1="{TOP - 4}" x2="{x(t)}" y2="{height - 34}" style="{RULE};stroke-opacity:0.35"/>')
         out.append(f'<text x="{x(t)}" y="{TOP - 8}" text-anchor="middle" style="{QUIET_INK}">{t:g}s</text>')
+    bottom = TOP + rows * ROW_H + gaps * 6
+    agg = next((s for s in stages[-1] if s.first is not None), None)
+    if agg is not None:  # drawn first: the bars and their labels stay readable on top of it
+        mark = x(agg.first)
+        out.append(f'<line class="moa-ttft-mark" x1="{mark}" y1="{TOP - 4}" x2="{mark}" y2="{bottom}" '
+                   f'style="{MARK};stroke-width:1.5;stroke-dasharray:4 3"/>')
+        anchor = "end" if agg.first > t_max * 0.6 else "start"
+        shift = -4 if anchor == "end" else 4
+        out.append(f'<text x="{mark + shift}" y="{bottom + 12}" text-anchor="{anchor}" '
+                   f'style="fill:var(--jp-error-color1,#d32f2f)">answer\'s first token at {agg.first:.2f}s</text>')
     y = TOP
     for row in stages:
         if not row:
@@ -122,15 +132,6 @@ def timeline_svg(result: MoaResult) -> str:
         for span in row:
             out.append(_bar(span, x, y))
             y += ROW_H
-    agg = next((s for s in stages[-1] if s.first is not None), None)
-    if agg is not None:
-        mark = x(agg.first)
-        out.append(f'<line class="moa-ttft-mark" x1="{mark}" y1="{TOP - 4}" x2="{mark}" y2="{y}" '
-                   f'style="{MARK};stroke-width:1.5;stroke-dasharray:4 3"/>')
-        anchor = "end" if agg.first > t_max * 0.6 else "start"
-        shift = -4 if anchor == "end" else 4
-        out.append(f'<text x="{mark + shift}" y="{y + 12}" text-anchor="{anchor}" style="fill:var(--jp-error-color1,#d32f2f)">'
-                   f"answer's first token at {agg.first:.2f}s</text>")
     out.append(_legend(height - 12))
     out.append("</svg>")
     return "".join(out)
