@@ -55,7 +55,7 @@ def provider_rows(config: Config) -> list[dict]:
     rows = []
     for name, p in sorted(config.providers.items()):
         if name in servers:
-            where = urlsplit(p.url()).netloc
+            where = urlsplit(p.url()).netloc.rpartition("@")[2]  # never the credentials
             ready = answering[name]
             key = f"answers at {where}" if ready else f"nothing answers at {where}"
         elif p.embedded:

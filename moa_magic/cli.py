@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("moa: interrupted", file=sys.stderr)
         return 130
     if result.baselines and not args.quiet:
-        from .render.static import comparison_text
+        from .render.parts import comparison_text
         from .render.terminal import terminal_safe
 
         print(terminal_safe(comparison_text(result)), file=sys.stderr)

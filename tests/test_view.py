@@ -122,8 +122,7 @@ def test_timeline_spans_follow_the_layers(config, chat_server):
     assert len(first) == len(second) == 2 and len(final) == 1
     layer_1_end = max(s.end for s in first)
     for span in second:  # queued when layer 1 ended, sent after, streamed after its first token
-        assert span.queued == pytest.approx(layer_1_end, abs=0.02)
-        assert span.queued <= span.start <= span.first <= span.end
+        assert layer_1_end <= span.queued <= span.start <= span.first <= span.end
     agg = final[0]
     assert agg.first - agg.start >= 0.1  # the scripted delay before the answer's first token
     assert f"answer's first token at {agg.first:.2f}s" in timeline_svg(result)

@@ -249,7 +249,7 @@ class MoaMagics(Magics):
 
             check_save_path(args.save)
         plan, cfg = runner.prepare(prompt, **options)
-        self._run(plan, cfg, prompt, args.out, args.save, args.show_proposers)
+        self._run(plan, cfg, prompt, args.out, args.save, show_proposers=args.show_proposers)
         return None
 
     def _parse(self, line: str):

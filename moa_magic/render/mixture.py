@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..core.result import Status
 from .compare import agreement, mean_agreement, similarity, word_diff
 from .format import call_figures, shown_error
-from .static import STATUS_MARK, call_body_html, esc, layer_title
+from .parts import STATUS_MARK, call_body_html, esc, layer_title
 
 if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
@@ -55,7 +55,9 @@ def card_html(record: CallRecord, result: MoaResult, previous: CallRecord | None
         f'<div class="moa-card-text" style="max-height:14em;overflow:auto">'
         f"{call_body_html(record, shown_error(record, result.calls()))}</div>",
     ]
-    if previous is not None and previous.ok and record.ok:
+    if previous is not None and previous.ok and record.ok and previous.text == record.text:
+        parts.append(f'<div class="moa-change moa-figures">unchanged since {esc(previous.label)}</div>')
+    elif previous is not None and previous.ok and record.ok:
         same = similarity(previous.text, record.text)
         parts.append(
             f'<details class="moa-change"><summary class="moa-figures">changes since {esc(previous.label)}: '

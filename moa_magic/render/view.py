@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from ..accounting.totals import Totals
 from .format import header_prefix
 from .mixture import answer_head_html, closeness_html, layer_html, status_class
-from .static import comparison_html, esc, final_body_html
+from .parts import comparison_html, esc, final_body_html
 from .theme import CSS
 from .timeline import timeline_svg
 

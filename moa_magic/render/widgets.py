@@ -50,7 +50,7 @@ from ..core.result import Status
 from ..figures import run_title
 from .format import shown_error
 from .mixture import answer_head_html, card_head_html
-from .static import call_body_html, esc, final_body_html, layer_title
+from .parts import call_body_html, esc, final_body_html, layer_title
 from .theme import CSS
 from .view import head_html
 
@@ -220,7 +220,7 @@ class TreeRenderer:
     def __call__(self, event: Event) -> None:
         record = getattr(event, "record", None)
         if record is not None and record.role not in ("proposer", "aggregator"):
-            return  # baselines and the judge: their own section (render/compare.py)
+            return  # baselines and the judge: their own section (static.comparison_html)
         now = time.perf_counter()
         with self._lock:
             if self._disposed:
@@ -274,6 +274,9 @@ class TreeRenderer:
 
     def dispose(self) -> None:
         """Close every widget of the tree (their views vanish) and drop the run it showed."""
+        with _live_lock:
+            if self in _live_trees:
+                _live_trees.remove(self)
         with self._lock:
             self._stop.set()
             self._closed = self._disposed = True
