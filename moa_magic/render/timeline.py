@@ -7,7 +7,8 @@ off it: every layer waits for its slowest proposer before the next one can start
 
 Times come from the run's `Timeline` (core/saved.py: the recorder every run has; a loaded or
 replayed run without one gets the estimate from its records). A call is queued when its layer
-begins — the engine starts every call of a layer at once, right after the previous layer ended.
+begins — the engine starts every call of a layer at once, right after the previous layer ended
+(with --staircase the aggregator starts before that: it is drawn as queued at its start).
 No script; colours are theme variables in `style` attributes (presentation attributes cannot
 hold `var()`), so it follows the theme and survives saving and nbconvert.
 """
