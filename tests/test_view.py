@@ -139,3 +139,32 @@ def test_hostile_texts_are_inert_in_the_finished_view(config, chat_server):
     result = runner.run("Q", preset="deep")
     html = finished_html(result)
     assert_inert_html(html.replace(html[html.index("<style>"):html.index("</style>") + 8], ""))
+
+
+def test_a_layer_cut_by_quorum_shows_the_cut_card_and_its_bar(config, chat_server):
+    chat_server.script(model="b", reply=Reply(text="late", delay=5))
+    result = runner.run("Q", preset="deep", quorum=1)
+    assert result.ok
+    html = finished_html(result)
+    cut = re.search(r'<div class="moa-card moa-status-cancelled" data-layer="1" data-index="1".*?cut by quorum', html, re.S)
+    assert cut, html
+    first, *_ = spans(result)
+    assert [s.record.label for s in first] == ["L1.1", "L1.2"]  # the cut call was sent: it has a bar
+
+
+def test_a_staircase_run_draws_its_early_aggregator(write_moa_toml, chat_server):
+    from helpers import FAKE_PROVIDER, NO_RETRIES
+
+    write_moa_toml("\n".join([FAKE_PROVIDER + 'prefill = "trailing"\n', NO_RETRIES, """
+[presets.stair]
+layers = [["fake:a", "fake:b"]]
+aggregator = "fake:agg"
+max_tokens = 64
+"""]))
+    chat_server.default_reply = Reply(chunks=[f" w{i}" for i in range(8)], chunk_delay=0.05)
+    chat_server.script(model="agg", reply=Reply(text=" end."))
+    result = runner.run("Explain", preset="stair", staircase=True, staircase_chunk=4)
+    assert result.ok, result.error
+    proposers, (agg,) = spans(result)
+    assert agg.start < max(s.end for s in proposers)  # it began while the proposers streamed
+    assert agg.queued <= agg.start and "answer's first token at" in timeline_svg(result)
