@@ -4,22 +4,83 @@ with whether its key is set (never the key)."""
 from __future__ import annotations
 
 import html
+from urllib.parse import urlsplit
 
-from .config import Config, ModelEntry, Preset
+from .config import Config, ModelEntry, Preset, Provider
 from .core.method import AGGREGATE_PROMPT
 from .figures import TextAndHtml
 
 
+PROBE_TIMEOUT_S = 0.5
+
+
+def _answers(url: str) -> bool:
+    """Whether an HTTP server answers at a loopback base URL: any HTTP reply counts, 401 and 404
+    too. http.client, not urllib: no proxy may stand in, and no credentials are sent."""
+    import http.client
+
+    parts = urlsplit(url)
+    try:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=PROBE_TIMEOUT_S)
+        try:
+            connection.request("GET", parts.path.rstrip("/") + "/models")
+            connection.getresponse().read(1024)
+        finally:
+            connection.close()
+    except (OSError, http.client.HTTPException):
+        return False
+    return True
+
+
+def _local_server(provider: Provider) -> bool:
+    """A server on this machine that needs no key (ollama, vllm, llamacpp, your own)."""
+    from .providers.http import is_loopback
+
+    try:
+        url = provider.url()
+    except Exception:  # a malformed override: the row shows the URL as configured
+        return False
+    return (not provider.embedded and not provider.api_key_env and url.startswith("http://")
+            and is_loopback(urlsplit(url).hostname))
+
+
 def provider_rows(config: Config) -> list[dict]:
+    """Per provider: its key's state, or for a server on this machine whether it answers now
+    (probed in parallel, PROBE_TIMEOUT_S at most); `ready` is what the ✓/✗ says."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    servers = {name: p for name, p in config.providers.items() if _local_server(p)}
+    with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+        answering = dict(zip(servers, pool.map(lambda p: _answers(p.url()), servers.values())))
     rows = []
     for name, p in sorted(config.providers.items()):
-        if not p.api_key_env:
-            key = "no key needed"
+        if name in servers:
+            where = urlsplit(p.url()).netloc.rpartition("@")[2]  # never the credentials
+            ready = answering[name]
+            key = f"answers at {where}" if ready else f"nothing answers at {where}"
+        elif p.embedded:
+            from .core.plan import local_extra_installed
+
+            ready = local_extra_installed()
+            key = "embedded, installed" if ready else "embedded, not installed"
+        elif not p.api_key_env:
+            ready, key = True, "no key needed"
         else:
-            key = f"{p.api_key_env} {'set' if p.has_key() else 'not set'}"
-        rows.append({"name": name, "url": p.shown_url(), "key": key,
-                     "ready": p.has_key()})
+            ready = p.has_key()
+            key = f"{p.api_key_env} {'set' if ready else 'not set'}"
+        rows.append({"name": name, "url": p.shown_url(), "key": key, "ready": ready})
     return rows
+
+
+def default_preset(config: Config) -> str | None:
+    """The preset a run without --preset uses here, or None when none can run."""
+    from .core.plan import default_preset_name
+    from .errors import MoaUserError
+
+    try:
+        return default_preset_name(config)
+    except MoaUserError:
+        return None
 
 
 def preset_models(preset: Preset) -> str:
@@ -28,14 +89,16 @@ def preset_models(preset: Preset) -> str:
 
 
 def catalog_text(config: Config) -> str:
-    lines = ["Presets:"]
+    default = default_preset(config)
+    lines = ["Presets (* the default, used without --preset):"]
     for name, preset in sorted(config.presets.items()):
-        lines.append(f"  {name:<18} {preset.description}")
+        mark = "*" if name == default else " "
+        lines.append(f"{mark} {name:<18} {preset.description}")
         lines.append(f"  {'':<18} {preset_models(preset)}")
     lines.append("Providers:")
     for row in provider_rows(config):
         mark = "✓" if row["ready"] else "✗"
-        lines.append(f"  {mark} {row['name']:<11} {row['key']:<28} {row['url']}")
+        lines.append(f"  {mark} {row['name']:<11} {row['key']:<36} {row['url']}")
     if config.files:
         lines.append(f"Config: {', '.join(config.files)}")
     return "\n".join(lines)
@@ -43,8 +106,10 @@ def catalog_text(config: Config) -> str:
 
 def catalog_html(config: Config) -> str:
     e = html.escape
+    default = default_preset(config)
     presets = "".join(
-        f"<tr><td><code>{e(n)}</code></td><td>{e(p.description)}</td><td>{e(preset_models(p))}</td></tr>"
+        f"<tr><td><code>{e(n)}</code>{' <b>(default)</b>' if n == default else ''}</td>"
+        f"<td>{e(p.description)}</td><td>{e(preset_models(p))}</td></tr>"
         for n, p in sorted(config.presets.items())
     )
     providers = "".join(
@@ -54,7 +119,7 @@ def catalog_html(config: Config) -> str:
     )
     return (
         "<b>Presets</b><table><tr><th>name</th><th>description</th><th>models</th></tr>"
-        f"{presets}</table><b>Providers</b><table><tr><th></th><th>name</th><th>key</th>"
+        f"{presets}</table><b>Providers</b><table><tr><th></th><th>name</th><th>key / server</th>"
         f"<th>base URL</th></tr>{providers}</table>"
     )
 

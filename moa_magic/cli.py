@@ -8,7 +8,7 @@ import sys
 
 from .version import __version__
 from .commands import SUBCOMMANDS
-from .options import RUN_OPTIONS, SAVE_OPTION, run_options
+from .options import RUN_OPTIONS, SAVE_OPTION, SHOW_PROPOSERS_OPTION, run_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flags, kwargs in RUN_OPTIONS:
         parser.add_argument(*flags, **kwargs)
     parser.add_argument(*SAVE_OPTION[0], **SAVE_OPTION[1])
+    parser.add_argument(*SHOW_PROPOSERS_OPTION[0], **SHOW_PROPOSERS_OPTION[1])
     parser.add_argument("--json", action="store_true", help="print the whole result as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--list", action="store_true", help="list presets and providers, then exit")
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         renderer = TerminalRenderer(
             progress=None if args.quiet else sys.stderr,
             answer=None if args.json else sys.stdout,
+            proposers=args.show_proposers,
         )
         result = run(prompt, listeners=[renderer], **run_options(args))
     except MoaUserError as exc:
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("moa: interrupted", file=sys.stderr)
         return 130
     if result.baselines and not args.quiet:
-        from .render.static import comparison_text
+        from .render.parts import comparison_text
         from .render.terminal import terminal_safe
 
         print(terminal_safe(comparison_text(result)), file=sys.stderr)

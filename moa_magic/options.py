@@ -75,3 +75,8 @@ CHAT_OPTIONS: list[tuple[tuple[str, ...], dict]] = [
     (("--max-history-tokens",), dict(type=int, metavar="N",
                                      help="keep earlier turns within N tokens; the oldest are dropped (and said so)")),
 ]
+
+SHOW_PROPOSERS_OPTION = (("--show-proposers",), dict(
+    action="store_true",
+    help="in a terminal: print every proposer's text, layer by layer, before the final answer "
+         "(a notebook shows them in the run's grid)"))

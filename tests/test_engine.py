@@ -369,6 +369,17 @@ def test_cli_flags_override_the_preset_and_read_stdin(chat_server, moa_config):
     assert {(b["temperature"], b["max_tokens"]) for b in bodies} == {(0.3, 40)}
 
 
+def test_cli_show_proposers_prints_every_layer_then_the_answer(chat_server, moa_config):
+    done = run_cli("--preset", "fake", "-l", "3", "--show-proposers", "Q", env_config=moa_config)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.index("══ Layer 1 ══") < out.index("── L1.1 fake:a · done") < out.index("── L1.3 fake:c")
+    assert out.index("── L1.3 fake:c") < out.index("══ Layer 2 ══") < out.index("── L2.1 fake:a")
+    assert out.index("── L2.3 fake:c") < out.index("══ Answer ══") < out.index("agg says: Q")
+    assert out.count("a says: Q") == 2
+    assert "══" not in run_cli("--preset", "fake", "Q", env_config=moa_config).stdout
+
+
 def test_cli_exit_status_and_reason_on_failure(chat_server, moa_config):
     chat_server.script(status=401)
     done = run_cli("--preset", "fake", "--json", "fails", env_config=moa_config)

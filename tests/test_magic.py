@@ -219,11 +219,15 @@ def test_widgets_frontend_through_the_magic(shell, config, chat_server, monkeypa
     cap = run(shell, "%%moa --preset fake\nQ")
     tree = magics(shell).last_tree
     assert tree is not None and tree.final_widget.value.startswith("<p>agg says: Q")
-    kinds = [set(o.data) for o in cap.outputs]
-    # first the widget, then the static rendition as a separate output
-    assert "application/vnd.jupyter.widget-view+json" in kinds[0]
-    assert kinds[-1] == {"text/plain", "text/markdown", "text/html"}
-    assert "agg says: Q" in cap.outputs[-1].data["text/html"]
+    # one output: the widget, then the finished view put in its place (same display id)
+    live, finished = cap.outputs
+    assert "application/vnd.jupyter.widget-view+json" in live.data and not live.update
+    assert finished.update and finished.transient["display_id"] == live.transient["display_id"]
+    assert set(finished.data) == {"text/plain", "text/markdown", "text/html"}
+    assert "agg says: Q" in finished.data["text/html"]
+    assert "moa-view" in finished.data["text/html"]
+    # the tree's widgets are closed once their view is replaced
+    assert tree.widget.comm is None and tree.final_widget.comm is None
 
 
 def test_kernel_without_tree_prints_progress_then_static(shell, config, chat_server, monkeypatch):
@@ -288,7 +292,7 @@ def test_run_without_final_answer(shell, config, chat_server):
     assert result.aggregator.status == "skipped"
 
 
-def test_interrupt_cancels_stores_partial_result_and_reraises(shell, config, chat_server, monkeypatch):
+def test_interrupt_cancels_stores_partial_result_and_ends_in_one_line(shell, config, chat_server, monkeypatch):
     monkeypatch.setattr(MoaMagics, "frontend", lambda self: "widgets")
     chat_server.script(model="a", reply=Reply(text="quick"))
     chat_server.script(reply=Reply(hang=True))
@@ -298,17 +302,22 @@ def test_interrupt_cancels_stores_partial_result_and_reraises(shell, config, cha
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt, daemon=True).start()
-    error, cap = run_error(shell, "%%moa --preset fake\nQ")
-    assert isinstance(error, KeyboardInterrupt)
+    error, cap = run_error(shell, "%%moa --preset fake --out partial\nQ")
+    # a UsageError: IPython prints this one line, no KeyboardInterrupt traceback
+    assert type(error) is UsageError
+    assert str(error) == "Run cancelled (interrupted): the partial result is in _moa and partial."
     result = shell.user_ns["_moa"]
+    assert shell.user_ns["partial"] is result
+    assert "Traceback" not in cap.stderr + cap.stdout and "KeyboardInterrupt" not in cap.stderr
     assert result.status == "cancelled"
     assert [r.status for r in result.layers[0]] == ["done", "cancelled", "cancelled"]
     tree = magics(shell).last_tree
     assert ">cancelled<" in tree.header.value
     assert "moa-status-cancelled" in dom_classes(tree.nodes[(1, 1)].section)
     assert tree.layer_sections[0].selected_index == 0
-    static = cap.outputs[-1].data
-    assert "cancelled" in static["text/plain"]
+    static = cap.outputs[-1]
+    assert static.update and "cancelled" in static.data["text/plain"]
+    assert 'data-status="cancelled"' in static.data["text/html"]
     # every request was cancelled: nothing is left in flight
     chat_server.wait_for_requests(3, timeout=5, finished=True)
     assert chat_server.in_flight == 0
@@ -325,6 +334,25 @@ def test_moa_list_shows_key_status_never_the_key(shell, config, monkeypatch):
         assert "sk-very-secret-value" not in data[form]
         assert "MOA_TEST_KEY set" in data[form] and "OPENAI_API_KEY not set" in data[form]
         assert "fake" in data[form] and "other" in data[form]
+
+
+def test_moa_list_marks_the_default_and_probes_local_servers(shell, config, chat_server, monkeypatch):
+    """A server on this machine shows whether it answers now, not a ✓ for a key it does not need."""
+    import socket
+
+    with socket.socket() as closed:  # a loopback port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{port}")
+    monkeypatch.setattr(MoaMagics, "preset", "")
+    config.write_text(f'default_preset = "other"\n' + config.read_text())
+    data = run(shell, "%moa list").outputs[0].data
+    text = data["text/plain"]
+    fake_at = chat_server.url.split("//")[1].split("/")[0]
+    assert f"✓ fake        answers at {fake_at}" in text
+    assert f"✗ ollama      nothing answers at 127.0.0.1:{port}" in text
+    assert "* other " in text and "* fake " not in text
+    assert "<code>other</code> <b>(default)</b>" in data["text/html"]
 
 
 def test_moa_show(shell, config):
@@ -350,8 +378,22 @@ def test_moa_last(shell, config, chat_server, monkeypatch):
     error, _ = run_error(shell, "%moa last")
     assert type(error) is UsageError and "No run yet" in str(error)
     run(shell, "%%moa --preset fake\nQ")
-    cap = run(shell, "%moa last")
-    assert "agg says: Q" in cap.outputs[0].data["text/html"]
+    # a terminal (this shell has no kernel): every proposer's text by layer, then the answer
+    printed = run(shell, "%moa last").stdout
+    assert printed.index("── L1.1 fake:a · done") < printed.index("a says: Q") < printed.index(
+        "── L1.3 fake:c") < printed.index("── Answer") < printed.index("agg says: Q")
+    monkeypatch.setattr(MoaMagics, "frontend", lambda self: "widgets")
+    cap = run(shell, "%moa last")  # a notebook: the finished view
+    assert "agg says: Q" in cap.outputs[0].data["text/html"] and "moa-view" in cap.outputs[0].data["text/html"]
+
+
+def test_show_proposers_in_a_terminal(shell, config, chat_server):
+    """`--show-proposers` (terminal IPython): each layer's texts in order, then the answer."""
+    out = run(shell, "%%moa --preset fake --show-proposers\nQ").stdout
+    assert out.index("══ Layer 1 ══") < out.index("── L1.1 fake:a") < out.index("a says: Q")
+    assert out.index("a says: Q") < out.index("── L1.2 fake:b") < out.index("b says: Q")
+    assert out.index("c says: Q") < out.index("══ Answer ══") < out.index("agg says: Q")
+    assert "══ Layer" not in run(shell, "%%moa --preset fake\nQ").stdout
 
 
 def test_moa_result_displays_with_its_reprs(shell, config, chat_server):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -76,7 +77,7 @@ def check_replay(nb, chat_server):
         return [o for o in outputs if "text/html" in o.get("data", {})][-1]["data"]["text/html"]
 
     bundled = cells["%moa replay demo-run.json --speed 8"].outputs
-    assert "application/vnd.jupyter.widget-view+json" in bundled[0]["data"]
+    assert all("application/vnd.jupyter.widget-view+json" not in o.get("data", {}) for o in bundled)
     assert "replay at ×8 of a run from" in html("%moa replay demo-run.json --speed 8")
     assert "preset local" in html("%moa replay demo-run.json --speed 8")
     printed = "".join(o.get("text", "") for o in cells["for call in _moa.layers[0]:"].outputs)
@@ -90,14 +91,12 @@ def check_replay(nb, chat_server):
 def check_quickstart(nb, chat_server):
     cells = {c.source.splitlines()[0]: c for c in nb.cells if c.cell_type == "code" and c.source}
     run = cells["%%moa"].outputs
-    kinds = [set(o.get("data", {})) for o in run if o.output_type == "display_data"]
-    # the live tree, then the static rendition as a separate output
-    assert "application/vnd.jupyter.widget-view+json" in kinds[0]
-    assert {"text/plain", "text/markdown", "text/html"} <= kinds[-1]
-    static = [o for o in run if "text/html" in o.get("data", {})][-1]["data"]["text/html"]
-    assert "moa-static" in static and "agg says: In two sentences: why is the sky blue?" in static
-    # the saved widget state holds the tree's models
-    assert "widgets" in nb.metadata and "application/vnd.jupyter.widget-state+json" in nb.metadata.widgets
+    # one output: the live tree was replaced in place by the finished view (no widget left)
+    [only] = [o for o in run if o.output_type == "display_data"]
+    assert set(only["data"]) == {"text/plain", "text/markdown", "text/html"}
+    static = only["data"]["text/html"]
+    assert "moa-view" in static and "agg says: In two sentences: why is the sky blue?" in static
+    check_exported_html(nb)
 
     printed = "".join(o.get("text", "") for o in cells["print(_moa.final)"].outputs)
     assert "agg says: In two sentences" in printed
@@ -106,3 +105,20 @@ def check_quickstart(nb, chat_server):
     models = [r["body"]["model"] for r in chat_server.chat_requests]
     assert models.count("lagg") == 1 and models.count("l1") == 2  # --preset local --layers 3
     assert "this notebook: temperature" in cells["%config MoaMagics.temperature = 0.3"].outputs[0]["data"]["text/plain"]
+
+
+def check_exported_html(nb):
+    """`jupyter nbconvert --to html` of the executed notebook: every run's finished view, readable,
+    and no widget error, repr or script."""
+    from nbconvert import HTMLExporter
+
+    runs = sum(1 for c in nb.cells if c.cell_type == "code" and c.source.startswith("%%moa")
+               and "--dry-run" not in c.source.splitlines()[0])
+    page, _ = HTMLExporter().from_notebook_node(nb)
+    assert "VBox(" not in page and "Error displaying widget" not in page
+    # no widget view in any output (nbclient keeps the closed tree's state in the metadata, so
+    # the template still carries its widget loader; a notebook saved by JupyterLab has none)
+    assert '<script type="application/vnd.jupyter.widget-view+json">' not in page
+    assert page.count('<span class="moa-answer-label">Answer</span>') == runs
+    assert len(re.findall(r'<svg [^>]*class="moa-timeline-svg"', page)) == runs  # attributes sorted
+    assert "agg says: In two sentences: why is the sky blue?" in page

@@ -188,7 +188,7 @@ def test_the_tree_draws_a_replay_like_a_run_with_a_replay_header(chat_server, co
     assert "replay at ×2 of a run from" in tree.header.value and "preset keyed" in tree.header.value
     assert "the final answer, slowly" in tree.final_widget.value
     assert len(finals) >= 3  # streamed in, not one jump
-    assert "failed" in tree.nodes[(1, 2)].section.titles[0]
+    assert "failed" in tree.nodes[(1, 2)].head.value
 
 
 def test_the_tree_marks_cached_calls(chat_server, config):
@@ -198,8 +198,8 @@ def test_the_tree_marks_cached_calls(chat_server, config):
     tree.final_widget.observe(lambda change: finals.append(change["new"]), names="value")
     moa_magic.run("same", preset="keyed", temperature=0, listeners=[tree])
     assert len(chat_server.chat_requests) == 4
-    assert all("· cached ·" in node.section.titles[0] for node in tree.nodes.values())
-    assert "· cached ·" in tree.final.section.titles[0] and "4 cached" in tree.header.value
+    assert all("· cached ·" in node.head.value for node in tree.nodes.values())
+    assert "· cached ·" in tree.final.head.value and "4 cached" in tree.header.value
     assert len(finals) >= 3  # a cached answer still streams in visibly
 
 

@@ -93,7 +93,7 @@ def test_a_call_cut_by_max_tokens_is_marked_truncated_everywhere(moa_config, cha
     assert b.truncated and result.aggregator.truncated and not a.truncated
     mark = "truncated at the 40-token limit"
     assert progress.getvalue().count(mark) == 2
-    assert mark in tree.nodes[(1, 1)].section.titles[0] and mark not in tree.nodes[(1, 0)].section.titles[0]
+    assert mark in tree.nodes[(1, 1)].head.value and mark not in tree.nodes[(1, 0)].head.value
     for rendition in (result_text(result), result_html(result), result_markdown(result)):
         assert rendition.count(mark) == 2
     data = result.to_dict()

@@ -65,11 +65,11 @@ def test_static_bundle_has_three_forms():
     bundle = StaticRun(make_result())._repr_mimebundle_()
     assert set(bundle) == {"text/plain", "text/markdown", "text/html"}
     html = bundle["text/html"]
-    assert html.count("<details") == 3  # the layer and its two proposers
+    assert html.count('class="moa-card ') == 2 and html.count('class="moa-answer"') == 1
     assert "<strong>answer</strong>" in html
     assert "fake:a" in html and "answer A" in html
     assert "HTTP 500 &lt;b&gt;boom&lt;/b&gt;" in html  # error text escaped
-    assert "The **answer**." in bundle["text/markdown"]
+    assert "**Answer**\n\nThe **answer**." in bundle["text/markdown"]
     assert "The **answer**." in bundle["text/plain"]
     assert "✗ L1.2 fake:b" in bundle["text/plain"]
 
@@ -118,6 +118,6 @@ def test_static_rendition_of_a_real_run(moa_config, chat_server):
     html = result_html(result)
     assert "B&#x27;s" in html or "B's" in html
     assert "<em>answer</em>" in html
-    assert html.count('class="moa-static-node"') == 3
-    assert 'data-model="fake:agg"' not in html  # the aggregator is the final block, not a node
+    assert html.count('class="moa-card ') == 3
+    assert 'data-model="fake:agg"' not in html  # the aggregator is the answer, not a card
     assert "agg says: What is 2+2?" in html

@@ -56,7 +56,7 @@ def test_tree_structure_titles_and_texts(config, chat_server):
     assert result.ok
     root = tree.widget
     assert "moa-tree" in dom_classes(root)
-    style, header, layer1, layer2, final = root.children
+    style, header, final, layer1, layer2 = root.children  # the answer right under the header
     assert style.value.startswith("<style>")
     assert "moa-header" in dom_classes(header)
     assert "preset deep" in header.value and ">done<" in header.value
@@ -66,25 +66,28 @@ def test_tree_structure_titles_and_texts(config, chat_server):
         assert isinstance(section, w.Accordion)
         assert {"moa-layer", f"moa-layer-{number}"} <= dom_classes(section)
         assert section.titles[0] == f"Layer {number} · 2 proposers · 2 done"
-    # the run moved on: earlier layers are closed, the final answer is open
-    assert layer1.selected_index is None and layer2.selected_index is None
-    assert final.selected_index == 0
+        # finished layers stay open, their proposers side by side in a wrapping row
+        assert section.selected_index == 0
+        grid = section.children[0]
+        assert "moa-grid" in dom_classes(grid) and grid.layout.flex_flow == "row wrap"
 
     nodes = [n for n in walk(root) if "moa-node" in dom_classes(n)]
     assert len(nodes) == 4
     for node, (layer, index, model) in zip(nodes, [(1, 1, "a"), (1, 2, "b"), (2, 1, "c"), (2, 2, "d")]):
-        assert isinstance(node, w.Accordion) and len(node.children) == 1
+        assert isinstance(node, w.VBox) and "moa-card" in dom_classes(node)
         assert f"moa-node-{layer}-{index}" in dom_classes(node) and "moa-status-done" in dom_classes(node)
-        title = node.titles[0]
-        assert title.startswith(f"✓ L{layer}.{index} · fake:{model} · done · ")
-        assert "ttft" in title and "tok" in title
-        text = node.children[0]
-        assert "moa-node-text" in dom_classes(text)
+        head, text = node.children
+        assert f"✓ L{layer}.{index} · fake:{model}</div>" in head.value
+        assert '<div class="moa-figures">done · ' in head.value
+        assert "ttft" in head.value and "tok" in head.value
+        assert "moa-node-text" in dom_classes(text) and text.layout.overflow == "auto"
         assert text.value == render(result.layers[layer - 1][index - 1].text)
         assert f"{model} says: Why is the sky blue?" in html.unescape(text.value)
 
     assert "moa-final-section" in dom_classes(final)
-    assert final.titles[0].startswith("✓ aggregator · fake:agg · done")
+    answer_head = final.children[0].value
+    assert '<span class="moa-answer-label">Answer</span>' in answer_head
+    assert "aggregator fake:agg · done" in answer_head
     assert "moa-final" in dom_classes(tree.final_widget)
     assert tree.final_widget.value == render(result.final)
     assert tree.ticker is not None and not tree.ticker.is_alive()  # ticker stopped
@@ -96,7 +99,7 @@ def test_failed_proposer_shows_its_error(config, chat_server):
     assert result.ok
     node = tree.nodes[(1, 1)]
     assert "moa-status-failed" in dom_classes(node.section)
-    assert node.section.titles[0].startswith("✗ L1.2 · fake:b · failed")
+    assert "✗ L1.2 · fake:b</div>" in node.head.value and ">failed · " in node.head.value
     assert "moa-error" in node.text.value and "500" in node.text.value
     assert tree.layer_sections[0].titles[0] == "Layer 1 · 3 proposers · 2 done, 1 failed"
 
@@ -118,12 +121,12 @@ def test_hostile_model_text_is_inert_in_the_widgets(config, chat_server):
     html_widgets = [x for x in walk(tree.widget) if isinstance(x, w.HTML)]
     assert html_widgets[0].value.startswith("<style>") and "<" not in html_widgets[0].value[7:-8]
     html_widgets = html_widgets[1:]  # our constant CSS; the rest carry model text
-    assert len(html_widgets) == 1 + 3 + 1
+    assert len(html_widgets) == 1 + 2 + 3 * 2  # header, answer head + text, 3 cards' head + text
     for widget in html_widgets:
         assert_inert_html(widget.value)
     assert "&lt;script&gt;" in tree.final_widget.value
     for node in tree.nodes.values():
-        assert "\x1b" not in node.section.titles[0]
+        assert "\x1b" not in node.head.value
 
 
 def test_widget_updates_are_coalesced(config, chat_server):
@@ -173,11 +176,28 @@ def test_widget_updates_are_coalesced(config, chat_server):
 def test_costly_pushes_slow_down():
     from moa_magic.render.widgets import _Node
 
-    node = _Node(w, "t", ["moa-node"], "moa-node-text", True, None)
+    node = _Node(w, "t", ["moa-node"], "moa-card-head", ["moa-node-text"], card=True)
     node.last_push, node.cost = 10.0, 0.001
+    assert node.due(10.0, 0.05)  # nothing shown yet: the first chunk goes out at once
+    node.shown_text = True
     assert node.due(10.05, 0.05) and not node.due(10.04, 0.05)
     node.cost = 0.03  # a 30 ms Markdown render: wait 300 ms before the next one
     assert not node.due(10.2, 0.05) and node.due(10.3, 0.05)
+
+
+def test_first_chunk_of_the_answer_is_pushed_at_once(config, chat_server):
+    """With a 10 s coalescing interval only the first chunk and the final state can be pushed
+    mid-run: the first chunk must show alone, before the second one arrives."""
+    chat_server.script(model="agg", reply=Reply(chunks=["First ", "second ", "third."], chunk_delay=0.3))
+    plan, _ = runner.prepare("Q", preset="fake")
+    tree = TreeRenderer.for_plan(plan, interval=10.0)
+    values = []
+    tree.final_widget.observe(lambda change: values.append(change["new"]), names="value")
+    result = runner.run("Q", preset="fake", listeners=[tree])
+    assert result.ok
+    streamed = [v for v in values if "First" in v]
+    assert "second" not in streamed[0], values
+    assert streamed[-1] == render("First second third.")
 
 
 def test_header_ticks_while_running_and_stops(config, chat_server):

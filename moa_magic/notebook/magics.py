@@ -7,8 +7,8 @@ Errors a user can fix (bad option, unknown preset/provider/model, missing key, e
 `{{name}}`) are `UsageError`s raised before any request: IPython prints one line, no traceback.
 A run that ends without a final answer also ends in a one-line `UsageError` — after the tree and
 the static rendition show what happened and `_moa` holds the partial result. An interrupt
-(KeyboardInterrupt) cancels every request, marks the run cancelled in the tree, stores `_moa`, then
-re-raises so the kernel reports the interrupt.
+(KeyboardInterrupt) cancels every request, marks the run cancelled, stores `_moa`, and ends the cell
+with a one-line UsageError (no traceback; the kernel still stops a Run All there).
 
 Over ~400 lines for now; the `{{name}}` substitution itself is moa_magic/template.py (batch
 rows use it too), `%%moa --over` is notebook/batch.py.
@@ -35,7 +35,7 @@ from ..errors import MoaUserError
 from ..template import fill
 from ..limits import max_tokens_problem, temperature_problem
 from .chat import with_chat_options
-from ..options import RUN_OPTIONS, SAVE_OPTION, run_options
+from ..options import RUN_OPTIONS, SAVE_OPTION, SHOW_PROPOSERS_OPTION, run_options
 
 SUBCOMMANDS = ("list", "show", "last", "usage", "cache", "replay", "chat", "help", "version")
 
@@ -200,6 +200,7 @@ class MoaMagics(Magics):
     @magic_arguments.argument(
         "--max-concurrency", type=int, metavar="N", help="with --over: calls in flight at once",
     )
+    @magic_arguments.argument(*SHOW_PROPOSERS_OPTION[0], **SHOW_PROPOSERS_OPTION[1])
     @cell_magic("moa")
     @_user_errors_as_usage_errors
     def moa_cell(self, line, cell):
@@ -209,8 +210,10 @@ class MoaMagics(Magics):
         Your question. {{name}} inserts the variable `name` ({{ obj.attr }} works too);
         single braces stay as written, \\{{x}} is a literal {{x}}.
 
-        A live tree shows every layer and proposer as they stream; the final answer streams below
-        it, and a static copy (Markdown/HTML) follows for saved notebooks. The result is in `_moa`
+        A live view shows the answer and every layer's proposers as they stream; when the run ends
+        it becomes the finished view (answer, grid, changes, agreement, timeline, prompt sent),
+        plain HTML that saved and exported notebooks keep. In a terminal, --show-proposers prints
+        every proposer's text too. The result is in `_moa`
         (and in --out NAME): `_moa.final`, `_moa.layers`, `_moa.totals()`, `_moa.to_dict()`.
         Defaults: %config MoaMagics.preset / temperature / max_tokens / system / config_file /
         cache / show_tree; flags win. --save PATH writes the run for `%moa replay PATH`. Other
@@ -246,7 +249,7 @@ class MoaMagics(Magics):
 
             check_save_path(args.save)
         plan, cfg = runner.prepare(prompt, **options)
-        self._run(plan, cfg, prompt, args.out, args.save)
+        self._run(plan, cfg, prompt, args.out, args.save, show_proposers=args.show_proposers)
         return None
 
     def _parse(self, line: str):
@@ -288,14 +291,15 @@ class MoaMagics(Magics):
             return "text"
         return "widgets"
 
-    def _run(self, plan, cfg, prompt: str, out: str | None, save: str | None = None, history=()):
+    def _run(self, plan, cfg, prompt: str, out: str | None, save: str | None = None, history=(),
+             show_proposers: bool = False):
         from ..core import runner
 
         def begin(listener):
             engine, future, finished = runner.start(plan, cfg, prompt, [listener], history)
             return engine.result, future, finished
 
-        result = self._show(lambda tree: tree.for_plan(plan), begin, out, save)
+        result = self._show(lambda tree: tree.for_plan(plan), begin, out, save, show_proposers)
         if not result.ok:
             raise UsageError(
                 f"No final answer ({result.status}): {result.error or 'unknown error'}. "
@@ -303,11 +307,14 @@ class MoaMagics(Magics):
             )
         return result
 
-    def _show(self, tree_for, begin, out: str | None = None, save: str | None = None):
+    def _show(self, tree_for, begin, out: str | None = None, save: str | None = None,
+              show_proposers: bool = False):
         """Draw a run (or a replay) while it goes on; `_moa` (and `out`) get its result at the end.
 
         `tree_for(TreeRenderer)` builds the empty tree (widgets only); `begin(listener)` starts the
-        run on the worker loop and returns (result, future, finished).
+        run on the worker loop and returns (result, future, finished). In Jupyter the run has one
+        output: the live tree, replaced in place (a display id) by the finished view when it ends,
+        so a saved or exported notebook holds no widget. An interrupt ends in one line.
         """
         from ..core import runner
         from ..core.result import Status
@@ -316,18 +323,20 @@ class MoaMagics(Magics):
 
         frontend = self.frontend()
         pump = _Pump()
-        tree = None
+        tree = handle = None
         if frontend == "widgets":
             from ..render.widgets import TreeRenderer
 
             tree = tree_for(TreeRenderer)
             self.last_tree = tree
-            display(tree.widget)
+            handle = display(tree.widget, display_id=True)
             listener = tree
         else:
             # terminal: progress and the streamed answer; a kernel without tree: progress only,
-            # the answer comes as the static rendition (rendered Markdown).
-            listener = TerminalRenderer(progress=pump, answer=pump if frontend == "terminal" else None)
+            # the answer comes as the finished view (rendered Markdown).
+            terminal = frontend == "terminal"
+            listener = TerminalRenderer(progress=pump, answer=pump if terminal else None,
+                                        proposers=show_proposers and terminal)
 
         result, future, finished = begin(listener)
         interrupted = False
@@ -337,7 +346,6 @@ class MoaMagics(Magics):
             interrupted = True
             if result.status == Status.RUNNING:  # the engine did not mark it within the grace
                 result.status, result.error = Status.CANCELLED, "interrupted"
-            raise
         finally:
             pump()
             if tree is not None:
@@ -350,10 +358,15 @@ class MoaMagics(Magics):
                     result.save(save)
                 except MoaUserError as exc:
                     print(f"moa: {exc}", file=sys.stderr)
-            if frontend != "terminal":
+            if handle is not None:
+                handle.update(StaticRun(result))
+                tree.dispose()  # its view is gone; free its widgets in the kernel and the page
+            elif frontend == "text":
                 display(StaticRun(result))
-            elif interrupted:
-                print("\n[cancelled] the partial result is in _moa", flush=True)
+        if interrupted:
+            # UsageError: one line, no traceback, and the kernel still stops a Run All here
+            raise UsageError(f"Run cancelled (interrupted): the partial result is in _moa"
+                             f"{' and ' + out if out else ''}.")
         return result
 
     # --- %moa ------------------------------------------------------------------------------------
@@ -366,7 +379,8 @@ class MoaMagics(Magics):
 
         list      presets and providers, each provider with whether its API key env var is set
         show P    a preset's layers, models, parameters and aggregator prompt (default: the default)
-        last      display the last run's result again (also a partial one)
+        last      display the last run's result again (also a partial one; in a terminal with
+                  every proposer's text)
         usage     tokens and cost of this session's runs
         cache info|clear   the request cache: where it is and what it holds, or empty it
         replay PATH [--speed X]   redraw a run saved with --save, timings ÷ X; no key, no network
@@ -417,7 +431,12 @@ class MoaMagics(Magics):
             result = sys.modules["moa_magic.core.runner"].last_result()
         if result is None:
             raise UsageError("No run yet in this session: run a %%moa cell first.")
-        display(StaticRun(result))
+        if self.frontend() == "terminal":
+            from ..render.static import result_text_with_proposers
+
+            print(result_text_with_proposers(result))
+        else:
+            display(StaticRun(result))
 
     def _cmd_usage(self, rest: str) -> None:
         from ..accounting.usage import session_summary

@@ -51,7 +51,13 @@ def run_label(result: MoaResult) -> str:
 
 def call_summary(record: CallRecord, error: str | None = None) -> str:
     """Model, status, timings, tokens, cost, error (`error` replaces the record's, see shown_error)."""
-    parts = [record.model, record.status]
+    return f"{record.model} · {call_figures(record, error)}"
+
+
+def call_figures(record: CallRecord, error: str | None = None, with_error: bool = True) -> str:
+    """Status, timings, tokens, cost, error: a call's summary without its model (and without its
+    error when the error is shown elsewhere)."""
+    parts = [record.status]
     if record.truncated:
         parts.append(f"truncated at the {record.max_tokens}-token limit")
     if record.cached:
@@ -67,7 +73,7 @@ def call_summary(record: CallRecord, error: str | None = None) -> str:
     if record.attempts > 1:
         parts.append(f"{record.attempts} attempts")
     error = error or record.error
-    if error:
+    if error and with_error:
         parts.append(f"error: {error}")
     return " · ".join(parts)
 

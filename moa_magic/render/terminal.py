@@ -9,11 +9,16 @@ from __future__ import annotations
 import re
 from typing import TextIO
 
+from typing import TYPE_CHECKING
+
 from ..core.events import (
-    CallFailed, CallFinished, CallRetrying, CallStarted, Event, RunFinished,
+    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, RunFinished,
     RunStarted, TextDelta,
 )
 from .format import call_summary, history_note, run_label, totals_line
+
+if TYPE_CHECKING:
+    from ..core.result import CallRecord
 
 # CSI/OSC/other ESC sequences, then every C0/C1 control except tab and newline.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
@@ -24,13 +29,22 @@ def terminal_safe(text: str) -> str:
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
 
 
+def proposer_block(record: CallRecord, error: str | None = None) -> str:
+    """'── L1.2 provider:model · done · 1.20s … ──' over the proposer's text (or its error)."""
+    head = f"── {record.label} {terminal_safe(call_summary(record, error))} ──"
+    body = terminal_safe(record.text.strip()) or f"({record.status})"
+    return f"{head}\n{body}"
+
+
 class TerminalRenderer:
     """A listener that prints progress per call and streams the aggregator's answer."""
 
-    def __init__(self, progress: TextIO | None, answer: TextIO | None):
-        """`progress` gets a line per event, `answer` the streamed final answer; None silences one."""
+    def __init__(self, progress: TextIO | None, answer: TextIO | None, proposers: bool = False):
+        """`progress` gets a line per event, `answer` the streamed final answer; None silences one.
+        `proposers`: when a layer ends, its proposers' texts go to `answer` first, in order."""
         self.progress = progress
         self.answer = answer
+        self.proposers = proposers
         self._answer_started = False
         self._reasons: dict[str, str] = {}  # error -> label of the first call that failed so
 
@@ -53,6 +67,8 @@ class TerminalRenderer:
                 if not self._answer_started:
                     self._answer_started = True
                     self._line("")
+                    if self.proposers:
+                        self.answer.write("\n══ Answer ══\n")
                 self.answer.write(terminal_safe(event.text))
                 self.answer.flush()
         elif isinstance(event, CallRetrying):
@@ -74,6 +90,11 @@ class TerminalRenderer:
                 first = self._reasons.setdefault(error, rec.label)
                 error = error if first == rec.label else f"same as {first}"
             self._line(f"  {mark} {rec.label} {terminal_safe(call_summary(rec, error))}")
+        elif isinstance(event, LayerFinished) and self.proposers and self.answer is not None:
+            if event.records and event.records[0].role != "aggregator":
+                blocks = "\n\n".join(proposer_block(r, r.error) for r in event.records)
+                self.answer.write(f"\n══ Layer {event.layer} ══\n{blocks}\n")
+                self.answer.flush()
         elif isinstance(event, RunFinished):
             r = event.result
             # Why it failed is said once, by the front end's last line (the CLI, the magic).

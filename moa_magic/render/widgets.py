@@ -1,33 +1,38 @@
-"""The live tree: one collapsible section per proposer layer, one node per proposer, the final answer.
+"""The live view of a run: the header, the answer, one row of proposer cards per layer.
 
     tree (VBox, .moa-tree)
-    ├── header (HTML, .moa-header): preset · shape · status · elapsed · calls · tokens · cost
+    ├── header (HTML, .moa-header .moa-head): preset · shape · status · elapsed · calls · tokens · cost
+    ├── answer (VBox, .moa-answer .moa-final-section .moa-status-<status>)
+    │   ├── HTML (.moa-answer-head): "Answer" and the aggregator's figures in a quiet line
+    │   └── HTML (.moa-final .moa-answer-body): the aggregator's answer as Markdown → safe HTML
     ├── layer 1 (one-child Accordion, .moa-layer .moa-layer-1)
-    │   └── VBox
-    │       ├── node (one-child Accordion, .moa-node .moa-node-1-1 .moa-status-<status>)
-    │       │   └── HTML (.moa-node-text): the proposer's answer, rendered and sanitized
+    │   └── Box (.moa-grid: cards side by side, wrapping)
+    │       ├── card (VBox, .moa-card .moa-node .moa-node-1-1 .moa-status-<status>)
+    │       │   ├── HTML (.moa-card-head): mark, label, model; figures in a quiet line
+    │       │   └── HTML (.moa-node-text .moa-card-text): the answer, scrolling inside the card
     │       └── ...
-    ├── layer 2 ...
-    └── final (one-child Accordion, open, .moa-final-section .moa-status-<status>)
-        └── HTML (.moa-final): the aggregator's answer as Markdown → safe HTML
+    └── layer 2 ...
 
-`Accordion` keeps only one panel open, so every layer and node is its own one-child Accordion:
-any number can be open at once. A layer opens when its first call starts and closes when the next
-layer starts; a layer where the run stopped stays open. Accordion titles are plain text
+The final answer comes first, in the notebook's content font size; it streams as rendered Markdown.
+A layer opens when its first call starts and stays open (a click folds it: `Accordion` keeps only
+one panel open, so each layer is its own one-child Accordion). Accordion titles are plain text
 (ipywidgets 8 sets them with `textContent`); every HTML value is `sanitize.render` output or
-escaped. Proposers stream as escaped plain text and become rendered Markdown when they finish; the
-final answer is rendered Markdown while it streams.
+escaped. Proposers stream as escaped plain text and become rendered Markdown when they finish.
+Colours and sizes are the JupyterLab theme's (render/theme.py).
 
-The renderer is a listener: the engine calls it from its worker thread. Updates are coalesced: a
-widget is written at most once per `interval` (50 ms → ≤ 20 updates/s per widget; longer when a
-push is costly: at least 10× its render+send time) by the event itself or by a small flusher thread
-that also ticks the elapsed time, and always at once with the final state on CallFinished /
+When the run ends the magic replaces this view with the finished one (render/view.py) and
+disposes of these widgets; a tree used directly stays live until `dispose()`.
+
+The renderer is a listener: the engine calls it from its worker thread. A call's first chunk is
+pushed at once (the first token is what a user waits for); later updates are coalesced: a widget
+is written at most once per `interval` (50 ms → ≤ 20 updates/s per widget; longer when a push is
+costly: at least 10× its render+send time) by the event itself or by a small flusher thread that
+also ticks the elapsed time, and always at once with the final state on CallFinished /
 CallFailed / RunFinished. One lock serializes all widget writes.
 
 Widgets live in the kernel until closed. A process keeps the last LIVE_TREES trees live (clickable);
 when a newer tree would exceed that, the oldest finished one is disposed: its widgets (with their
-layouts and styles) are closed and its run dropped, so 500 runs hold as many widgets as 20. The
-static rendition the magic prints after each tree stays in the notebook.
+layouts and styles) are closed and its run dropped, so 500 runs hold as many widgets as 20.
 """
 
 from __future__ import annotations
@@ -43,9 +48,11 @@ from ..core.events import (
 )
 from ..core.result import Status
 from ..figures import run_title
-from .format import header_text
 from .format import shown_error
-from .static import call_body_html, esc, final_body_html, layer_title, node_title
+from .mixture import answer_head_html, card_head_html
+from .parts import call_body_html, esc, final_body_html, layer_title
+from .theme import CSS
+from .view import head_html
 
 if TYPE_CHECKING:
     from ..core.plan import Plan
@@ -55,29 +62,23 @@ INTERVAL_S = 0.05
 LIVE_TREES = 20
 _live_trees: collections.deque = collections.deque()
 _live_lock = threading.Lock()
-NODE_TEXT_MAX_HEIGHT = "14em"
-# Our own constant CSS (no model text): tighter nodes, normal line height, a marked final answer.
-TREE_CSS = """<style>
-.moa-tree .widget-html-content { line-height: 1.45; }
-.moa-tree .moa-node-text p, .moa-tree .moa-final p { margin: 0.2em 0 0.5em; }
-.moa-tree .jupyter-widget-Collapse-contents { padding: 4px 10px 6px; }
-.moa-tree .jupyter-widget-Collapse-header { padding: 3px 8px; }
-.moa-tree .moa-final-section .jupyter-widget-Collapse-header { background: #e8f0fe; }
-.moa-tree .moa-layer > .jupyter-widget-Collapse > .jupyter-widget-Collapse-header { color: #222; }
-</style>"""
-HEADER_STYLE = "font-family: var(--jp-code-font-family, monospace); font-size: 0.9em;"
+CARD_TEXT_MAX_HEIGHT = "14em"
+CARD_MIN_WIDTH = "170px"
 
 
 class _Node:
-    """One call's section: an Accordion whose one child is the call's text."""
+    """One call's place: a head (label, figures) and a body (its text), in a box."""
 
-    def __init__(self, w, title: str, classes: list[str], text_class: str, open_: bool,
-                 max_height: str | None):
-        layout = w.Layout(max_height=max_height, overflow="auto") if max_height else w.Layout()
-        self.text = w.HTML(value="<i>waiting…</i>", layout=layout)
-        self.text.add_class(text_class)
-        self.section = w.Accordion(children=[self.text], titles=(title,))
-        self.section.selected_index = 0 if open_ else None
+    def __init__(self, w, head_html: str, classes: list[str], head_class: str, text_class: list[str],
+                 card: bool):
+        text_layout = w.Layout(max_height=CARD_TEXT_MAX_HEIGHT, overflow="auto") if card else w.Layout()
+        self.head = w.HTML(value=head_html)
+        self.head.add_class(head_class)
+        self.text = w.HTML(value="<i>waiting…</i>", layout=text_layout)
+        for c in text_class:
+            self.text.add_class(c)
+        box_layout = w.Layout(flex="1 1 0", min_width=CARD_MIN_WIDTH) if card else w.Layout()
+        self.section = w.VBox([self.head, self.text], layout=box_layout)
         for c in classes:
             self.section.add_class(c)
         self.status_class = "moa-status-waiting"
@@ -85,22 +86,23 @@ class _Node:
         self.record: CallRecord | None = None
         self.note: str | None = None  # e.g. "retry 1: HTTP 429" until the call streams again
         self.dirty = False
+        self.shown_text = False  # its first chunk is on screen
         self.last_push = 0.0
         self.cost = 0.0  # seconds the last push took (render + send)
 
     def due(self, now: float, interval: float) -> bool:
-        """Push again only after `interval`, and after 10× the last push's cost: rendering a long
-        answer's Markdown takes milliseconds, and it must never eat the run's CPU."""
-        return now - self.last_push >= max(interval, 10 * self.cost)
+        """The first chunk at once; then again only after `interval`, and after 10× the last
+        push's cost: rendering a long answer's Markdown takes milliseconds, and it must never eat
+        the run's CPU."""
+        return not self.shown_text or now - self.last_push >= max(interval, 10 * self.cost)
 
-    def push(self, body_html: str, now: float) -> None:
-        """Write title, status class and text (only what changed). Caller holds the lock."""
+    def push(self, head: str, body_html: str, now: float) -> None:
+        """Write head, status class and text (only what changed). Caller holds the lock."""
         rec = self.record
         if rec is None:
             return
-        title = node_title(rec, self.note)
-        if self.section.titles != (title,):
-            self.section.titles = (title,)
+        if self.head.value != head:
+            self.head.value = head
         status_class = f"moa-status-{rec.status}"
         if status_class != self.status_class:
             self.section.remove_class(self.status_class)
@@ -109,6 +111,7 @@ class _Node:
         if self.text.value != body_html:
             self.text.value = body_html
         self.dirty = False
+        self.shown_text = bool(rec.text)
         self.last_push = time.perf_counter()
         self.cost = self.last_push - now
 
@@ -132,10 +135,17 @@ class TreeRenderer:
         self._header_push = 0.0
 
         self.header = w.HTML(
-            value=f'<div style="{HEADER_STYLE}">MoA · {esc(run_title(preset))} · {esc(shape)} · starting…</div>'
+            value=f'<div class="moa-head">MoA · {esc(run_title(preset))} · {esc(shape)} · starting…</div>'
         )
         self.header.add_class("moa-header")
 
+        self.final = _Node(
+            w, f'<span class="moa-answer-label">Answer</span><span class="moa-figures">aggregator '
+               f"{esc(aggregator)} · waiting for the proposers</span>",
+            ["moa-answer", "moa-final-section"], "moa-answer-head", ["moa-final", "moa-answer-body"],
+            card=False,
+        )
+        self.final.text.value = ""
         self.layer_sections: list = []
         self.layer_boxes: list = []
         self.nodes: dict[tuple[int, int], _Node] = {}
@@ -143,13 +153,15 @@ class TreeRenderer:
             row = []
             for index, model in enumerate(models):
                 node = _Node(
-                    w, f"… L{number}.{index + 1} · {model} · waiting",
-                    ["moa-node", f"moa-node-{number}-{index + 1}"], "moa-node-text", True,
-                    NODE_TEXT_MAX_HEIGHT,
+                    w, f'<div class="moa-card-head">… L{number}.{index + 1} · {esc(model)}</div>'
+                       '<div class="moa-figures">waiting</div>',
+                    ["moa-card", "moa-node", f"moa-node-{number}-{index + 1}"], "moa-card-head-box",
+                    ["moa-node-text", "moa-card-text"], card=True,
                 )
                 self.nodes[(number, index)] = node
                 row.append(node.section)
-            box = w.VBox(row)
+            box = w.Box(row, layout=w.Layout(flex_flow="row wrap", width="100%"))
+            box.add_class("moa-grid")
             section = w.Accordion(
                 children=[box], titles=(f"Layer {number} · {len(models)} proposers · waiting",)
             )
@@ -160,11 +172,7 @@ class TreeRenderer:
             self.layer_sections.append(section)
         self._layer_open = [False] * len(layers)
         self._layer_titles = [s.titles[0] for s in self.layer_sections]
-
-        self.final = _Node(
-            w, f"… aggregator · {aggregator} · waiting", ["moa-final-section"], "moa-final", True, None,
-        )
-        self.widget = w.VBox([w.HTML(TREE_CSS), self.header, *self.layer_sections, self.final.section])
+        self.widget = w.VBox([w.HTML(CSS), self.header, self.final.section, *self.layer_sections])
         self.widget.add_class("moa-tree")
         self._disposed = False
         _keep_live(self)
@@ -212,7 +220,7 @@ class TreeRenderer:
     def __call__(self, event: Event) -> None:
         record = getattr(event, "record", None)
         if record is not None and record.role not in ("proposer", "aggregator"):
-            return  # baselines and the judge: their own section (render/compare.py)
+            return  # baselines and the judge: their own section (static.comparison_html)
         now = time.perf_counter()
         with self._lock:
             if self._disposed:
@@ -237,6 +245,7 @@ class TreeRenderer:
                 self._push_header(now)
             elif isinstance(event, CallRetrying):
                 node = self._node(event.record)
+                node.shown_text = False  # the retry's first chunk shows at once too
                 node.note = f"retry {event.attempt} in {event.delay_s:.1f}s: {event.reason}"
                 self._push_node(node, now)  # the text was reset: show that at once
             elif isinstance(event, (CallFinished, CallFailed)):
@@ -265,6 +274,9 @@ class TreeRenderer:
 
     def dispose(self) -> None:
         """Close every widget of the tree (their views vanish) and drop the run it showed."""
+        with _live_lock:
+            if self in _live_trees:
+                _live_trees.remove(self)
         with self._lock:
             self._stop.set()
             self._closed = self._disposed = True
@@ -295,29 +307,30 @@ class TreeRenderer:
         return node
 
     def _open_layer(self, record: CallRecord) -> None:
-        """Open the layer whose call starts; close the layers before it (the run moved on)."""
-        number = len(self.layer_sections) + 1 if record.role == "aggregator" else record.layer
-        for i, section in enumerate(self.layer_sections, start=1):
-            if i == number and not self._layer_open[i - 1]:
-                section.selected_index = 0
-                self._layer_open[i - 1] = True
-            elif i < number and self._layer_open[i - 1]:
-                section.selected_index = None
-                self._layer_open[i - 1] = False
+        """Open the layer whose call starts; earlier layers stay as they are (open unless folded)."""
+        if record.role == "aggregator":
+            return
+        i = record.layer - 1
+        if 0 <= i < len(self.layer_sections) and not self._layer_open[i]:
+            self.layer_sections[i].selected_index = 0
+            self._layer_open[i] = True
 
     def _push_node(self, node: _Node, now: float) -> None:
         if node.record is None:
             return
         record = node.record
-        if node is self.final and self._result is not None:
-            body = final_body_html(self._result)
-        elif record.status == Status.STREAMING and record.text and not self._closed:
-            # proposers stream as plain text (cheap), and turn into rendered Markdown when done
-            body = f'<div class="moa-streaming" style="white-space:pre-wrap">{esc(record.text)}</div>'
+        if node is self.final:
+            head = answer_head_html(record, node.note)
+            body = final_body_html(self._result) if self._result is not None else ""
         else:
-            calls = self._result.calls() if self._result is not None else ()
-            body = call_body_html(record, shown_error(record, calls))
-        node.push(body, time.perf_counter())
+            head = card_head_html(record, node.note)
+            if record.status == Status.STREAMING and record.text and not self._closed:
+                # proposers stream as plain text (cheap), and turn into rendered Markdown when done
+                body = f'<div class="moa-streaming" style="white-space:pre-wrap">{esc(record.text)}</div>'
+            else:
+                calls = self._result.calls() if self._result is not None else ()
+                body = call_body_html(record, shown_error(record, calls))
+        node.push(head, body, time.perf_counter())
 
     def _push_layers(self) -> None:
         if self._result is None:
@@ -335,15 +348,7 @@ class TreeRenderer:
         elapsed = None
         if self._t0 is not None and (running or not self._result.elapsed_s):
             elapsed = now - self._t0
-        status = self._status_override or self._result.status
-        color = {Status.DONE: "#1b7f3b", Status.FAILED: "#b00020", Status.CANCELLED: "#b26a00"}.get(status, "inherit")
-        text = header_text(self._result, elapsed, status)
-        head, sep, tail = text.partition(f" · {status} · ")
-        if sep:
-            inner = f'{esc(head)} · <b style="color:{color}">{esc(status)}</b> · {esc(tail)}'
-        else:
-            inner = esc(text)
-        value = f'<div style="{HEADER_STYLE}">{inner}</div>'
+        value = f'<div class="moa-head">{head_html(self._result, elapsed, self._status_override)}</div>'
         if self.header.value != value:
             self.header.value = value
         self._header_dirty = False
@@ -387,12 +392,11 @@ class TreeRenderer:
                 self._push_node(node, now)
             self._push_layers()
             self._push_header(now)
-            # a layer where the run stopped stays open; the final answer stays open
-            if self._result.status == Status.CANCELLED:
-                for i, records in enumerate(self._result.layers):
-                    if any(r.status == Status.CANCELLED for r in records) and not self._layer_open[i]:
-                        self.layer_sections[i].selected_index = 0
-                        self._layer_open[i] = True
+            # every layer that ran is open (also one where the run stopped)
+            for i, records in enumerate(self._result.layers):
+                if any(r.sent for r in records) and not self._layer_open[i]:
+                    self.layer_sections[i].selected_index = 0
+                    self._layer_open[i] = True
 
     def _join_flusher(self) -> None:
         """Called without the lock held: the flusher may be waiting for it."""

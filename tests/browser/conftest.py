@@ -105,3 +105,16 @@ def chat_server():
         if failure:
             raise failure[0]
     assert not server.errors, f"the fake server itself failed: {server.errors!r}"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--readme-images", action="store_true", default=False,
+        help="also write the README's screenshots (docs/tree.png) from the browser run; "
+             "without it the tests write only to the artifacts directory",
+    )
+
+
+@pytest.fixture
+def readme_images(request) -> bool:
+    return request.config.getoption("--readme-images")

@@ -3,22 +3,30 @@
 The lab runs on loopback with MOA_MAGIC_CONFIG pointing at a moa.toml for a ChatServer in this
 process (the kernel inherits the lab's environment). Run All, then check what the page shows:
 
-- the live tree of the first `%%moa` cell: header (preset + shape), one section per layer, one
-  node per proposer titled with its model, the aggregator's answer in `.moa-final`;
-- the final answer streams: while the cell still shows `[*]` the page holds partial answers,
-  several of them, each shorter than the whole (not one jump at the end);
-- clicking a layer title folds and unfolds it;
-- hostile model text (one proposer and the aggregator of the `--preset local` cell) never runs:
-  `window.__moa_pwned` stays undefined live, and after save + kernel restart + reopen (the lab
-  trusts a notebook it saved, so only escaping protects the static output);
-- after the restart + reopen the static rendition still shows the final answer and every layer;
-- docs/tree.png: the finished tree, layers unfolded, cropped to the cell.
+- the live view of the first `%%moa` cell while it runs: the header, proposer cards side by side,
+  the answer streaming (several growing partial answers, not one jump at the end);
+- when it ends the same output holds the finished view, once: no widget, no second copy; the answer
+  first, labelled, at the body font size or larger; one row of cards per layer (wrapping on a narrow
+  window); what each layer-2 proposer changed (a word diff); agreement (a matrix) and the answer's
+  closeness to each proposer (bars); the timeline (SVG) with the answer's first token marked;
+  the prompt sent, folded; layers fold and unfold on a click;
+- hostile model text (the `--preset local` cell) never runs, live or after save + kernel restart +
+  reopen (the lab trusts a notebook it saved, so only escaping protects it);
+- after save + restart + reopen: the finished view is there, no "Error displaying widget";
+- `jupyter nbconvert --to html` of the saved notebook, opened in Chromium with every network
+  request refused: the finished view is readable;
+- the dark theme: the view follows the theme's colours.
+
+Screenshots of every step go to the artifacts directory; `--readme-images` also writes
+docs/tree.png (the README's picture) — a plain test run never touches tracked files.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -78,12 +86,12 @@ SKY = {
                  "direction, so blue light reaches us from all over the sky.",
     ("gamma", 1): "Scattering by nitrogen and oxygen molecules. Violet scatters even more, but the "
                   "Sun emits less of it and our eyes are less sensitive to it.",
-    ("alpha", 2): "All three agree: Rayleigh scattering by air molecules favours short wavelengths, "
-                  "so scattered blue light fills the sky.",
-    ("beta", 2): "Keep the mechanism (*∝ 1/λ⁴* scattering) and add why the sky looks blue rather "
-                 "than violet (solar spectrum, eye sensitivity).",
-    ("gamma", 2): "Molecules in air scatter blue light far more than red and send it across the "
-                  "whole sky; violet is weaker in sunlight and to our eyes.",
+    ("alpha", 2): "Air molecules scatter the short, blue wavelengths of sunlight much more than the "
+                  "long red ones: **Rayleigh scattering**, roughly ∝ 1/λ⁴. All three answers agree.",
+    ("beta", 2): "Sunlight is white. Crossing the atmosphere, its blue part is scattered by air "
+                 "molecules in every direction, so blue light reaches us from all over the sky.",
+    ("gamma", 2): "Rayleigh scattering by nitrogen and oxygen molecules. Violet scatters even more, "
+                  "but the Sun emits less of it and our eyes are less sensitive to it.",
 }
 FINAL = (
     "Sunlight holds every colour, but the nitrogen and oxygen molecules in air scatter short blue "
@@ -92,7 +100,7 @@ FINAL = (
 )
 FINAL_SHOWN = FINAL.replace("**", "")  # as rendered Markdown reads
 FINAL_CHUNK_DELAY = 0.04
-SHOT_VIEWPORT = {"width": 1100, "height": 2000}
+SHOT_VIEWPORT = {"width": 1100, "height": 2400}
 
 HOSTILE = (
     'Hostile text follows. <img src=x onerror="window.__moa_pwned=1"> then '
@@ -113,7 +121,7 @@ def script_server(server: ChatServer) -> None:
     for model in ("alpha", "beta", "gamma"):
         server.script(
             model=model, match=_is_sky,
-            reply=lambda body, m=model: Reply(text=SKY[(m, _layer(body))], chunk_delay=0.02, usage=None),
+            reply=lambda body, m=model: Reply(text=SKY[(m, _layer(body))], chunk_delay=0.03, usage=None),
         )
     server.script(model="omega", match=_is_sky, reply=Reply(text=FINAL, chunk_delay=FINAL_CHUNK_DELAY, usage=None))
     server.script(model="l1", reply=Reply(text=HOSTILE, chunk_delay=0.005))
@@ -150,6 +158,8 @@ _JS_CELL = """
   return {
     prompt: prompt ? prompt.textContent.trim() : '',
     final: fin ? fin.textContent.replace(/\\s+/g, ' ').trim() : null,
+    live: !!cell.querySelector('.moa-tree'),
+    cards: cell.querySelectorAll('.moa-tree .moa-card').length,
   };
 }
 """
@@ -161,13 +171,6 @@ def _norm(text: str) -> str:
 
 def _pwned(page):
     return page.evaluate("() => typeof window.__moa_pwned === 'undefined' ? null : window.__moa_pwned")
-
-
-def layer_parts(tree, number: int):
-    """(title, contents) of layer NUMBER: the direct child Collapse of the `.moa-layer-N` Accordion
-    (a node is an Accordion too, nested inside the contents)."""
-    child = tree.locator(f".moa-layer-{number} > {SEL['accordion_child']}")
-    return child.locator(f":scope > {SEL['collapse_header']}"), child.locator(f":scope > {SEL['accordion_contents']}")
 
 
 def check_no_script_ran(page, out, where: str) -> None:
@@ -189,7 +192,47 @@ def check_no_script_ran(page, out, where: str) -> None:
     assert _pwned(page) is None, f"{where}: window.__moa_pwned = {_pwned(page)!r}"
 
 
-def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium, page, record_property):
+
+def rgb(css: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in re.findall(r"[\d.]+", css)[:3])
+
+
+def luminance(css: str) -> float:
+    r, g, b = rgb(css)
+    return (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255
+
+
+def style_of(locator, prop: str) -> str:
+    return locator.evaluate(f"e => getComputedStyle(e).getPropertyValue({prop!r})")
+
+
+def check_finished_view(page, out, where: str) -> None:
+    """One output holding the finished view: answer first and labelled, no widget, no error."""
+    text = _norm(out.text_content())
+    assert "Error displaying widget" not in text and "VBox(" not in text, f"{where}: {text[:300]}"
+    assert out.locator(SEL["output"]).count() == 1, f"{where}: {out.locator(SEL['output']).count()} outputs"
+    view = out.locator(".moa-view")
+    assert view.count() == 1 and out.locator(".moa-tree").count() == 0, where
+    labels = view.locator(".moa-answer-label")
+    assert labels.count() == 1 and labels.text_content() == "Answer", where
+    assert _norm(view.locator(".moa-final").text_content()) == FINAL_SHOWN, where
+    assert view.locator(".moa-final strong").count() == 1, where  # rendered Markdown
+    # the answer is in the eye: before the layers, at the notebook's body size or larger
+    answer_box = view.locator(".moa-answer").bounding_box()
+    assert answer_box["y"] < view.locator("details.moa-layer").first.bounding_box()["y"], where
+    body_px = float(style_of(view.locator(".moa-answer-body p").first, "font-size").rstrip("px"))
+    content_px = float(page.evaluate(
+        "() => getComputedStyle(document.body).getPropertyValue('--jp-content-font-size1')"
+    ).strip().rstrip("px") or 14)
+    assert body_px >= content_px, (where, body_px, content_px)
+    head_px = float(style_of(view.locator(".moa-head"), "font-size").rstrip("px"))
+    assert head_px >= 12.5 and "monospace" not in style_of(view.locator(".moa-head"), "font-family")
+    header = _norm(view.locator(".moa-head").text_content())
+    assert f"preset {PRESET}" in header and SHAPE in header and "done" in header, header
+
+
+def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium, page, record_property,
+                                  readme_images, tmp_path):
     cells = moa_cells(QUICKSTART)
     shutil.copy(QUICKSTART, lab_root / NB)
     t0 = time.monotonic()
@@ -201,124 +244,142 @@ def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium
         open_notebook(page, lab, NB)
         t_open = time.monotonic() - t0
 
-        # ---- Run All, polling the sky cell's final answer while its prompt shows [*] -------
+        # ---- Run All, polling the sky cell's live view while its prompt shows [*] ----------
         run_all_cells(page)
         partials: list[str] = []
+        live_cards = 0
         seen_busy = False
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             st = page.evaluate(_JS_CELL, cells["sky"])
             if st and "[*]" in st["prompt"]:
                 seen_busy = True
+                live_cards = max(live_cards, st["cards"] if st["live"] else 0)
                 fin = st["final"] or ""
                 if (fin and not fin.endswith("…") and len(fin) < len(FINAL_SHOWN)
                         and (not partials or partials[-1] != fin)):
                     partials.append(fin)
                     if len(partials) == 8:  # what a user sees mid-stream
                         cell_outputs(page, cells["sky"]).scroll_into_view_if_needed()
-                        screenshot(page, artifacts_dir / "00-streaming.png", full_page=False)
+                        screenshot(page, artifacts_dir / "00-live-streaming.png", full_page=False)
             elif seen_busy:
                 break
             page.wait_for_timeout(30)
         assert seen_busy, "the sky cell never showed [*]"
         t_cell = time.monotonic() - t0 - t_open
-        screenshot(page, artifacts_dir / "01-sky-cell-done.png", full_page=False)
         wait_idle(page, timeout=180)
         t_run = time.monotonic() - t0 - t_open
-        screenshot(page, artifacts_dir / "02-run-all-done.png", full_page=False)
-
         assert not server.errors, server.errors
+        assert live_cards == 6, "the live view did not show the 2 × 3 proposer cards"
         # streaming is visible: several growing partial answers, each a prefix of the whole
         assert len(partials) >= 3, f"final answer did not stream visibly: {partials}"
         assert all(FINAL_SHOWN.startswith(p.replace("**", "")[:30]) for p in partials), partials
         lengths = [len(p.replace("*", "")) for p in partials]  # an unclosed ** shows literally
         assert lengths == sorted(lengths), lengths
 
-        # ---- the live tree of the sky cell ------------------------------------------------
+        # ---- the finished view, in the same output -----------------------------------------
         out = cell_outputs(page, cells["sky"])
         out.scroll_into_view_if_needed()
-        tree = out.locator(".moa-tree")
-        assert tree.count() == 1
-        header = _norm(tree.locator(".moa-header").text_content())
-        assert f"preset {PRESET}" in header and SHAPE in header and "done" in header, header
-        assert tree.locator(".moa-layer").count() == len(PROPOSERS)
+        check_finished_view(page, out, "finished")
+        view = out.locator(".moa-view")
+        screenshot(page, artifacts_dir / "01-finished-view.png", full_page=False)
+
+        # the grid: a row of cards per layer, side by side at this width
         for number, models in enumerate(PROPOSERS, start=1):
-            layer = tree.locator(f".moa-layer-{number}")
-            assert layer.locator(".moa-node").count() == len(models)
-            for index, model in enumerate(models, start=1):
-                node = layer.locator(f".moa-node-{number}-{index}")
-                assert "moa-status-done" in node.get_attribute("class")
-                title = _norm(node.locator(SEL["collapse_header"]).text_content())
-                assert model in title and f"L{number}.{index}" in title, title
-                text = _norm(node.locator(".moa-node-text").text_content())
+            layer = view.locator(f'details.moa-layer[data-layer="{number}"]')
+            assert layer.get_attribute("open") is not None  # finished layers stay visible
+            cards = layer.locator(".moa-card")
+            assert cards.count() == len(models)
+            tops = set()
+            for index, model in enumerate(models):
+                card = cards.nth(index)
+                assert card.get_attribute("data-model") == f"demo:{model}"
+                assert "moa-status-done" in card.get_attribute("class")
+                assert f"L{number}.{index + 1}" in _norm(card.locator(".moa-card-head").text_content())
+                text = _norm(card.locator(".moa-card-text").text_content())
                 assert text == SKY[(model, number)].replace("**", "").replace("*", ""), text
-        final = _norm(tree.locator(".moa-final").text_content())
-        assert final == FINAL_SHOWN, final
-        assert tree.locator(".moa-final strong").count() == 1  # rendered Markdown
-        assert tree.locator(".moa-final").is_visible()
-        final_title = _norm(tree.locator(f".moa-final-section {SEL['collapse_header']}").text_content())
-        assert "omega" in final_title, final_title
+                tops.add(round(card.bounding_box()["y"]))
+            assert len(tops) == 1, f"layer {number}'s cards are not side by side: {tops}"
 
-        # ---- fold / unfold: the run leaves every layer folded; click to open, close, open --
-        for number in range(len(PROPOSERS), 0, -1):
-            title, contents = layer_parts(tree, number)
-            first_node = tree.locator(f".moa-node-{number}-1 .moa-node-text")
-            assert contents.evaluate("e => e.classList.contains('lm-mod-hidden')"), "layer left open"
-            assert not first_node.is_visible()
-            title.click()
-            first_node.wait_for(state="visible")
-            title.click()
-            first_node.wait_for(state="hidden")
-            assert contents.evaluate("e => e.classList.contains('lm-mod-hidden')")
-            title.click()
-            first_node.wait_for(state="visible")
-            for index in range(1, len(PROPOSERS[number - 1]) + 1):
-                assert tree.locator(f".moa-node-{number}-{index} .moa-node-text").is_visible()
+        # what changed: layer 2's cards hold a word diff against their own layer-1 answer
+        change = view.locator('.moa-card[data-layer="2"][data-index="0"] details.moa-change')
+        assert "changes since L1.1" in change.locator("summary").text_content()
+        change.locator("summary").click()
+        added = change.locator("ins")
+        added.first.wait_for(state="visible")
+        assert "All three answers agree." in _norm(" ".join(added.all_text_contents()))
+        # agreement between the proposers, and the answer's closeness to each
+        matrix = view.locator('details.moa-layer[data-layer="2"] .moa-agreement table')
+        assert matrix.locator("tr").count() == 4 and matrix.is_visible()
+        assert view.locator(".moa-closeness .moa-bar").count() == 3
+        view.locator('details.moa-layer[data-layer="2"]').scroll_into_view_if_needed()
+        screenshot(page, artifacts_dir / "02-diff-and-agreement.png", full_page=False)
 
-        # ---- docs/tree.png: the finished tree, layers open, cropped to the tree -------------
-        # The notebook scrolls inside its own panel, so an element taller than the viewport is
-        # cut off: make the page tall enough for the whole tree, and hide the file browser so
-        # the lines wrap as in a typical lab window.
+        # the timeline: every call, the answer's first token marked
+        svg = view.locator("svg.moa-timeline-svg")
+        svg.scroll_into_view_if_needed()
+        assert svg.is_visible() and svg.locator(".moa-timeline-call").count() == 7
+        assert "answer's first token at" in svg.text_content()
+        assert svg.locator(".moa-ttft-mark").count() == 1
+        screenshot(page, artifacts_dir / "03-timeline.png", full_page=False)
+
+        # the prompt sent, folded
+        prompt = view.locator("details.moa-prompt")
+        assert prompt.get_attribute("open") is None
+        prompt.locator("summary").click()
+        assert "why is the sky blue?" in prompt.locator("pre").last.inner_text()
+
+        # fold / unfold a layer with a click
+        for number in (1, 2):
+            layer = view.locator(f'details.moa-layer[data-layer="{number}"]')
+            first_card = layer.locator(".moa-card").first
+            layer.locator(":scope > summary").click()
+            first_card.wait_for(state="hidden")
+            view.scroll_into_view_if_needed()
+            screenshot(page, artifacts_dir / f"04-layer-{number}-folded.png", full_page=False)
+            layer.locator(":scope > summary").click()
+            first_card.wait_for(state="visible")
+
+        # a narrow window: the cards wrap
+        page.set_viewport_size({"width": 620, "height": 1000})
+        page.wait_for_timeout(400)
+        layer1 = view.locator('details.moa-layer[data-layer="1"]')
+        layer1.scroll_into_view_if_needed()
+        tops = {round(layer1.locator(".moa-card").nth(i).bounding_box()["y"]) for i in range(3)}
+        assert len(tops) > 1, "the cards did not wrap on a narrow window"
+        screenshot(page, artifacts_dir / "05-narrow.png", full_page=False)
+        page.set_viewport_size(VIEWPORT)
+
+        # ---- the README's picture, on request only ------------------------------------------
         run_command(page, "application:toggle-left-area")
         page.set_viewport_size(SHOT_VIEWPORT)
         page.wait_for_timeout(500)
-        tree.scroll_into_view_if_needed()
-        box = tree.bounding_box()
+        view.scroll_into_view_if_needed()
+        box = view.bounding_box()
         assert box and box["height"] < SHOT_VIEWPORT["height"] - 150, box
-        DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
-        tree.screenshot(path=str(DOCS_SHOT))
-        shutil.copy(DOCS_SHOT, artifacts_dir / "tree.png")
-        assert DOCS_SHOT.stat().st_size > 20_000
-        out.screenshot(path=str(artifacts_dir / "03-sky-cell-output.png"))  # tree + static copy
+        view.screenshot(path=str(artifacts_dir / "tree.png"))
+        if readme_images:
+            DOCS_SHOT.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(artifacts_dir / "tree.png", DOCS_SHOT)
         page.set_viewport_size(VIEWPORT)
         run_command(page, "application:toggle-left-area")
-        screenshot(page, artifacts_dir / "03-layers-open.png", full_page=False)
-
-        # ---- static rendition of the sky cell (live) ---------------------------------------
-        static = out.locator(".moa-static")
-        assert static.count() == 1
-        assert FINAL_SHOWN in _norm(static.locator(".moa-static-final").text_content())
 
         # ---- hostile text in the local cell: shown as text, never run ----------------------
         local_out = cell_outputs(page, cells["local"])
-        local_tree = local_out.locator(".moa-tree")
-        assert local_tree.count() == 1
-        assert local_tree.locator(".moa-layer").count() == 2
-        # open the layers so the hostile proposer text is rendered and visible
-        for number in (1, 2):
-            title, _ = layer_parts(local_tree, number)
-            title.click()
-            local_tree.locator(f".moa-node-{number}-1 .moa-node-text").wait_for(state="visible")
-        check_no_script_ran(page, local_tree.locator(".moa-node-1-1 .moa-node-text"), "live proposer")
-        check_no_script_ran(page, local_tree.locator(".moa-final"), "live final answer")
-        check_no_script_ran(page, local_out.locator(".moa-static-final"), "live static output")
-        screenshot(page, artifacts_dir / "04-hostile-live.png", full_page=False)
+        assert local_out.locator(".moa-view").count() == 1 and local_out.locator(".moa-tree").count() == 0
+        assert _pwned(page) is None  # nothing ran while the live view streamed it either
+        check_no_script_ran(page, local_out.locator('.moa-card[data-layer="1"][data-index="0"] .moa-card-text'),
+                            "proposer card")
+        check_no_script_ran(page, local_out.locator(".moa-final"), "final answer")
+        screenshot(page, artifacts_dir / "06-hostile.png", full_page=False)
 
         # ---- save, restart the kernel, reopen from disk ------------------------------------
         save(page)
         saved = nbformat.read(lab_root / NB, as_version=4)
-        assert any("moa-static" in str(o.get("data", {}).get("text/html", ""))
-                   for o in saved.cells[cells["sky"]].outputs)
+        for index in (cells["sky"], cells["local"]):
+            [only] = saved.cells[index].outputs
+            assert "application/vnd.jupyter.widget-view+json" not in only["data"]
+            assert "moa-view" in only["data"]["text/html"]
         t1 = time.monotonic()
         restart_kernel_and_reopen(page, lab, NB)
         t_reopen = time.monotonic() - t1
@@ -326,41 +387,75 @@ def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium
 
         out = cell_outputs(page, cells["sky"])
         out.scroll_into_view_if_needed()
-        static = out.locator(".moa-static")
-        static.wait_for(state="visible")
-        assert FINAL_SHOWN in _norm(static.locator(".moa-static-final").text_content())
-        assert PRESET in _norm(static.locator(".moa-static-header").text_content())
-        layers = static.locator("details.moa-static-layer")
-        assert layers.count() == len(PROPOSERS)
-        for number, models in enumerate(PROPOSERS, start=1):
-            layer = static.locator(f'details.moa-static-layer[data-layer="{number}"]')
-            nodes = layer.locator("details.moa-static-node")
-            assert nodes.count() == len(models)
-            for index, model in enumerate(models):
-                summary = _norm(nodes.nth(index).locator("summary").text_content())
-                assert model in summary and model in nodes.nth(index).get_attribute("data-model")
-        # a <details> opens on click and shows the proposer's answer
-        layer1 = static.locator('details.moa-static-layer[data-layer="1"]')
+        out.locator(".moa-view").wait_for(state="visible")
+        page.wait_for_timeout(1500)  # let any widget error or trusted-output script show up
+        check_finished_view(page, out, "reopened")
+        assert "Error displaying widget" not in page.locator(SEL["notebook"]).text_content()
+        view = out.locator(".moa-view")
+        layer1 = view.locator('details.moa-layer[data-layer="1"]')
         layer1.locator(":scope > summary").click()
-        node = layer1.locator("details.moa-static-node").first
-        node.locator(":scope > summary").click()
-        assert _norm(node.locator(".moa-static-text").inner_text()) == _norm(
-            SKY[("alpha", 1)].replace("**", "")
-        )
-        page.wait_for_timeout(2000)
-        widget_after = _norm(out.locator(SEL["output"]).first.text_content())
-        screenshot(page, artifacts_dir / "05-reopened.png", full_page=False)
+        layer1.locator(".moa-card").first.wait_for(state="hidden")
+        layer1.locator(":scope > summary").click()
+        layer1.locator(".moa-card").first.wait_for(state="visible")
+        screenshot(page, artifacts_dir / "07-reopened.png", full_page=False)
 
         local_out = cell_outputs(page, cells["local"])
-        local_out.locator(".moa-static").wait_for(state="attached")
-        page.wait_for_timeout(1500)  # let any trusted-output script or onerror run
+        local_out.locator(".moa-view").wait_for(state="attached")
         for details in local_out.locator("details").all():
             details.evaluate("e => e.open = true")
-        check_no_script_ran(page, local_out.locator(".moa-static"), "reopened static output")
-        screenshot(page, artifacts_dir / "06-hostile-reopened.png", full_page=False)
+        check_no_script_ran(page, local_out.locator(".moa-view"), "reopened finished view")
+
+        # ---- the dark theme ------------------------------------------------------------------
+        out.scroll_into_view_if_needed()
+        light_answer = style_of(view.locator(".moa-answer-body"), "color")
+        run_command(page, "apputils:change-theme", {"theme": "JupyterLab Dark"})
+        page.wait_for_function(
+            "() => document.body.dataset.jpThemeLight === 'false'", timeout=30_000)
+        page.wait_for_timeout(800)
+        out.scroll_into_view_if_needed()
+        dark_answer = style_of(view.locator(".moa-answer-body"), "color")
+        card_bg = style_of(view.locator(".moa-card").first, "background-color")
+        assert luminance(light_answer) < 0.4 < luminance(dark_answer), (light_answer, dark_answer)
+        assert luminance(card_bg) < 0.3, card_bg
+        screenshot(page, artifacts_dir / "08-dark-theme.png", full_page=False)
+        view.locator("svg.moa-timeline-svg").scroll_into_view_if_needed()
+        screenshot(page, artifacts_dir / "08-dark-theme-timeline.png", full_page=False)
+        run_command(page, "apputils:change-theme", {"theme": "JupyterLab Light"})
 
         assert not chromium.page_errors, chromium.page_errors
         assert not server.errors, server.errors
+
+    # ---- nbconvert --to html of the saved notebook, opened with the network refused -------
+    exported = tmp_path / "quickstart.html"
+    subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", "--output", str(exported),
+                    str(lab_root / NB)], check=True, capture_output=True, timeout=120)
+    page_html = exported.read_text("utf-8")
+    assert "VBox(" not in page_html and "Error displaying widget" not in page_html
+    assert "unpkg.com" not in page_html  # no widget state saved: nothing to load
+    refused: list[str] = []
+
+    def only_the_file(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_the_file)
+    page.goto(exported.as_uri(), wait_until="load")
+    views = page.locator(".moa-view")
+    assert views.count() == 3
+    sky = views.first
+    sky.scroll_into_view_if_needed()
+    assert sky.locator(".moa-answer-label").text_content() == "Answer"
+    assert _norm(sky.locator(".moa-final").text_content()) == FINAL_SHOWN
+    assert sky.locator(".moa-card").count() == 6 and sky.locator("svg .moa-timeline-call").count() == 7
+    sky.locator('details.moa-layer[data-layer="1"] > summary').click()
+    sky.locator('details.moa-layer[data-layer="1"] .moa-card').first.wait_for(state="hidden")
+    sky.locator('details.moa-layer[data-layer="1"] > summary').click()
+    screenshot(page, artifacts_dir / "09-nbconvert-html.png", full_page=False)
+    assert _pwned(page) is None
+    page.unroute("**/*")
 
     timings = {
         "lab_plus_open_s": round(t_open, 2),
@@ -373,5 +468,5 @@ def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium
         record_property(k, v)
     print(f"\nquickstart browser timings: {timings}")
     print(f"partial final answers seen while [*]: {len(partials)} (lengths {lengths})")
-    print(f"sky cell's widget output after restart+reopen: {widget_after[:160]!r}")
-    print(f"screenshots: {artifacts_dir}; docs screenshot: {DOCS_SHOT}")
+    print(f"requests refused while viewing the nbconvert HTML: {len(refused)} {refused[:3]}")
+    print(f"screenshots: {artifacts_dir}" + (f"; README image: {DOCS_SHOT}" if readme_images else ""))

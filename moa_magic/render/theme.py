@@ -1,0 +1,58 @@
+"""The look of a run in a notebook, live (`.moa-tree`, widgets) and finished (`.moa-view`, HTML).
+
+Our own constant CSS (no model text). Every colour and size is a JupyterLab theme variable with a
+fallback, so the view follows the light and the dark theme and still reads where the variables do
+not exist (nbconvert HTML, other front ends). Shades that must work on both themes (diff marks,
+agreement cells) are translucent.
+"""
+
+CSS = """<style>
+.moa-tree, .moa-view { color: var(--jp-ui-font-color1, #1f1f1f);
+  font-family: var(--jp-ui-font-family, system-ui, sans-serif);
+  font-size: var(--jp-ui-font-size1, 13px); line-height: 1.45; }
+.moa-tree .widget-html-content { line-height: 1.45; font-size: inherit; }
+.moa-head { font-size: var(--jp-ui-font-size1, 13px); margin: 2px 0 6px; }
+.moa-head .moa-run-status { font-weight: 600; }
+.moa-head .moa-run-done { color: var(--jp-success-color1, #388e3c); }
+.moa-head .moa-run-failed { color: var(--jp-error-color1, #d32f2f); }
+.moa-head .moa-run-cancelled { color: var(--jp-warn-color1, #f57c00); }
+.moa-answer { border-left: 4px solid var(--jp-brand-color1, #1976d2); padding: 4px 12px 6px;
+  margin: 0 0 10px; background: var(--jp-layout-color1, #fff); }
+.moa-answer-label { font-size: var(--jp-content-font-size2, 1.2em); font-weight: 600;
+  color: var(--jp-brand-color1, #1976d2); margin-right: 0.6em; }
+.moa-answer-body { font-family: var(--jp-content-font-family, system-ui, sans-serif);
+  font-size: var(--jp-content-font-size1, 14px); color: var(--jp-content-font-color1, #111);
+  line-height: var(--jp-content-line-height, 1.6); }
+.moa-answer-body p { margin: 0.3em 0 0.6em; }
+.moa-figures { font-size: var(--jp-ui-font-size0, 11px); color: var(--jp-ui-font-color2, #616161); }
+.moa-error { color: var(--jp-error-color1, #d32f2f); }
+.moa-grid { display: flex; flex-wrap: wrap; gap: 8px; margin: 4px 0 8px; }
+.moa-card { flex: 1 1 0; min-width: 170px; box-sizing: border-box; padding: 4px 8px 6px;
+  border: 1px solid var(--jp-border-color2, #e0e0e0); border-top: 3px solid var(--jp-border-color1, #bdbdbd);
+  border-radius: 3px; background: var(--jp-layout-color1, #fff); }
+.moa-card.moa-status-streaming { border-top-color: var(--jp-brand-color1, #1976d2); }
+.moa-card.moa-status-done { border-top-color: var(--jp-success-color1, #388e3c); }
+.moa-card.moa-status-failed { border-top-color: var(--jp-error-color1, #d32f2f); }
+.moa-card.moa-status-cancelled { border-top-color: var(--jp-warn-color1, #f57c00); }
+.moa-card-head { font-weight: 600; }
+.moa-card-text { max-height: 14em; overflow: auto; margin-top: 2px;
+  font-family: var(--jp-content-font-family, system-ui, sans-serif); }
+.moa-card-text p { margin: 0.2em 0 0.5em; }
+.moa-view details { margin: 4px 0; }
+.moa-view summary { cursor: pointer; color: var(--jp-ui-font-color1, #1f1f1f); }
+.moa-view .moa-section-title { font-weight: 600; }
+.moa-diff { font-size: 0.92em; max-height: 12em; overflow: auto; }
+.moa-diff ins { background: rgba(46, 160, 67, 0.25); text-decoration: none; }
+.moa-diff del { background: rgba(248, 81, 73, 0.25); }
+.moa-matrix { border-collapse: collapse; font-size: var(--jp-ui-font-size1, 13px); margin: 2px 0 6px; }
+.moa-matrix td, .moa-matrix th { border: 1px solid var(--jp-border-color2, #e0e0e0); padding: 1px 6px;
+  text-align: center; font-weight: normal; }
+.moa-bar { display: flex; align-items: center; gap: 6px; font-size: var(--jp-ui-font-size1, 13px); }
+.moa-bar-label { flex: 0 0 16em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.moa-bar-track { flex: 0 1 240px; height: 8px; background: var(--jp-layout-color3, #bdbdbd); }
+.moa-bar-fill { height: 8px; background: var(--jp-brand-color1, #1976d2); }
+.moa-prompt pre { white-space: pre-wrap; max-height: 16em; overflow: auto;
+  background: var(--jp-layout-color2, #eee); color: var(--jp-content-font-color1, #111); padding: 6px; }
+.moa-tree .jupyter-widget-Collapse-contents { padding: 4px 6px 6px; }
+.moa-tree .jupyter-widget-Collapse-header { padding: 3px 8px; }
+</style>"""
