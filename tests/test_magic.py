@@ -345,7 +345,7 @@ def test_moa_list_marks_the_default_and_probes_local_servers(shell, config, chat
         port = closed.getsockname()[1]
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{port}")
     monkeypatch.setattr(MoaMagics, "preset", "")
-    config.write_text(f'default_preset = "other"\n' + config.read_text())
+    config.write_text('default_preset = "other"\n' + config.read_text())
     data = run(shell, "%moa list").outputs[0].data
     text = data["text/plain"]
     fake_at = chat_server.url.split("//")[1].split("/")[0]

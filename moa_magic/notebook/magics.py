@@ -10,8 +10,10 @@ the static rendition show what happened and `_moa` holds the partial result. An 
 (KeyboardInterrupt) cancels every request, marks the run cancelled, stores `_moa`, and ends the cell
 with a one-line UsageError (no traceback; the kernel still stops a Run All there).
 
-Over ~400 lines for now; the `{{name}}` substitution itself is moa_magic/template.py (batch
-rows use it too), `%%moa --over` is notebook/batch.py.
+Elsewhere: the `%moa` subcommands are notebook/subcommands.py, `--chat` notebook/chat.py, `--over`
+notebook/batch.py, the `{{name}}` substitution moa_magic/template.py. What stays here is over 400
+lines on purpose: the two magics, their `%config` traits and the one-output display of a run
+(`show_run`) share one object's state.
 """
 
 from __future__ import annotations
@@ -299,7 +301,7 @@ class MoaMagics(Magics):
             engine, future, finished = runner.start(plan, cfg, prompt, [listener], history)
             return engine.result, future, finished
 
-        result = self._show(lambda tree: tree.for_plan(plan), begin, out, save, show_proposers)
+        result = self.show_run(lambda tree: tree.for_plan(plan), begin, out, save, show_proposers)
         if not result.ok:
             raise UsageError(
                 f"No final answer ({result.status}): {result.error or 'unknown error'}. "
@@ -307,7 +309,7 @@ class MoaMagics(Magics):
             )
         return result
 
-    def _show(self, tree_for, begin, out: str | None = None, save: str | None = None,
+    def show_run(self, tree_for, begin, out: str | None = None, save: str | None = None,
               show_proposers: bool = False):
         """Draw a run (or a replay) while it goes on; `_moa` (and `out`) get its result at the end.
 
@@ -400,106 +402,15 @@ class MoaMagics(Magics):
             raise UsageError(
                 f"Unknown %moa command {command!r}; valid: {', '.join(SUBCOMMANDS)}.{hint}"
             )
-        return getattr(self, f"_cmd_{command}")(rest)
+        from . import subcommands
 
-    def _config(self):
+        return getattr(subcommands, f"moa_{command}")(self, rest)
+
+    def run_config(self):
+        """The config these magics use (`%config MoaMagics.config_file`, else the usual places)."""
         from ..config import load_config
 
         return load_config(self.config_file or None)
-
-    def _cmd_list(self, rest: str) -> None:
-        from ..catalog import catalog_view
-
-        display(catalog_view(self._config()))
-
-    def _cmd_show(self, rest: str) -> None:
-        from ..catalog import preset_view
-        from ..core.plan import default_preset_name
-
-        cfg = self._config()
-        name = rest or self.preset or default_preset_name(cfg)
-        preset = cfg.preset(name)
-        overrides = {k: getattr(self, k) for k in ("temperature", "max_tokens", "system")
-                     if getattr(self, k) is not None}
-        display(preset_view(name, preset, overrides))
-
-    def _cmd_last(self, rest: str) -> None:
-        from ..render.static import StaticRun
-
-        result = self.shell.user_ns.get("_moa")
-        if result is None and "moa_magic.core.runner" in sys.modules:
-            result = sys.modules["moa_magic.core.runner"].last_result()
-        if result is None:
-            raise UsageError("No run yet in this session: run a %%moa cell first.")
-        if self.frontend() == "terminal":
-            from ..render.static import result_text_with_proposers
-
-            print(result_text_with_proposers(result))
-        else:
-            display(StaticRun(result))
-
-    def _cmd_usage(self, rest: str) -> None:
-        from ..accounting.usage import session_summary
-
-        display(session_summary())
-
-    def _cmd_cache(self, rest: str) -> None:
-        import sqlite3
-
-        from ..commands.cache import cache_command
-
-        if rest not in ("info", "clear"):
-            raise UsageError(f"%moa cache takes info or clear, got {rest!r}.")
-        try:
-            outcome = cache_command(rest, self.config_file or None)
-        except MoaUserError as exc:
-            raise UsageError(str(exc)) from None
-        except (sqlite3.Error, OSError) as exc:
-            raise UsageError(f"The request cache cannot be read: {exc}. Move it with [settings] "
-                             f"cache_path or delete the file.") from None
-        print(outcome)
-
-    def _cmd_chat(self, rest: str) -> None:
-        from .chat import chat_command
-
-        chat_command(self, rest)
-
-    def _cmd_replay(self, rest: str) -> None:
-        from IPython.utils.process import arg_split
-
-        from ..core import replay
-
-        parser = magic_arguments.MagicArgumentParser(prog="%moa replay", add_help=False)
-        parser.add_argument("path")
-        parser.add_argument("--speed", type=float, default=1.0)
-        try:
-            args = parser.parse_args(arg_split(rest, posix=not sys.platform.startswith("win")))
-            saved = replay.load(args.path)
-            replay.check_speed(args.speed)
-        except (MoaUserError, ValueError) as exc:
-            raise UsageError(f"{exc} Usage: %moa replay PATH [--speed X]") from None
-
-        def begin(listener):
-            player, future, finished = replay.start(saved, [listener], args.speed)
-            return player.result, future, finished
-
-        self._show(lambda tree: tree.for_run_of(saved), begin)
-
-    def _cmd_help(self, rest: str) -> None:
-        traits = "\n".join(
-            f"  %config MoaMagics.{name} = {getattr(self, name)!r}\n      {trait.help}"
-            for name, trait in sorted(self.traits(config=True).items())
-        )
-        print(
-            f"{self.moa_line.__doc__.strip()}\n\n%%moa options:\n{self.moa_cell.parser.format_help()}"
-            f"\nDefaults (flags win):\n{traits}"
-        )
-
-    def _cmd_version(self, rest: str) -> None:
-        from ..version import __version__
-
-        print(f"moa-magic {__version__}")
-
 
 # --- extension hooks ------------------------------------------------------------------------------
 
