@@ -186,7 +186,7 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         response = await http.within(
             http.post(f"{plain_url}/chat/completions", json=payload, headers=headers,
                       timeout=timeout),
-            settings.first_byte_timeout,
+            settings.first_byte_timeout, discard=lambda response: response.close(),
         )
     except http.CrossOriginRedirect as exc:
         raise CallError(f"{provider.name}: {exc}") from None

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import urllib.request
 import weakref
+from typing import Callable
 
 import aiohttp
 from yarl import URL
@@ -130,28 +131,32 @@ async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
     raise CrossOriginRedirect(f"more than {MAX_REDIRECTS} redirects within {origin(target)}")
 
 
-async def within(awaitable, seconds: float):
+async def within(awaitable, seconds: float, discard: Callable[[object], None] | None = None):
     """`asyncio.wait_for` that never loses a cancellation: Python 3.11's returns the result when the
     awaitable finishes just as the caller is cancelled (CPython gh-86296), and a cancelled run's
-    stream would then be read on to its end."""
+    stream would then be read on to its end. A result that arrives when nobody takes it any more
+    goes to `discard` (a response must be closed, or its server streams on to nobody)."""
     task = asyncio.ensure_future(awaitable)
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
-        await _end(task)
+        await _end(task, discard)
         raise
     if not done:
-        await _end(task)
+        await _end(task, discard)
         raise asyncio.TimeoutError
     return task.result()
 
 
-async def _end(task: asyncio.Future) -> None:
-    """Cancel and wait for `task`; what it raised meanwhile is dropped (the caller gave up on it)."""
+async def _end(task: asyncio.Future, discard: Callable[[object], None] | None) -> None:
+    """Cancel and wait for `task`; what it raised meanwhile is dropped (the caller gave up on it),
+    what it returned goes to `discard`."""
     task.cancel()
     await asyncio.wait({task})
-    if not task.cancelled():
-        task.exception()
+    if task.cancelled():
+        return
+    if task.exception() is None and discard is not None:
+        discard(task.result())
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int, gap_s: float) -> bytes:
