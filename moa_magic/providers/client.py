@@ -354,7 +354,7 @@ _decode_json = json.JSONDecoder().decode  # json.loads less its per-call checks:
 def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> bool:
     """One SSE event; True at `[DONE]`. Events of a type other than "message" carry no text: only
     an error in one counts."""
-    if payload.strip() == "[DONE]":
+    if payload[:1] != "{" and payload.strip() == "[DONE]":  # a chunk (nearly always) skips this
         return True
     try:
         chunk = _decode_json(payload)
@@ -383,7 +383,8 @@ def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> 
         delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
         if content and isinstance(content, str):
-            content = wire_safe(content)
+            if not content.isascii():
+                content = wire_safe(content)
             reply.parts.append(content)
             on_delta(content)
         if choice.get("finish_reason"):

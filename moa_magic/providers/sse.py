@@ -26,7 +26,7 @@ import codecs
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     data: str
     type: str = "message"
@@ -80,7 +80,15 @@ class EventStream:
         rest = lines.pop()
         events: list[Event] = []
         for line in lines:
-            self._line(line, events)
+            # The two lines of nearly every chat chunk ("data: {...}", then a blank line) are
+            # handled here; `_line` does the rest of the spec.
+            if line.startswith("data: "):
+                self._data_size += len(line) - 5
+                if self._data_size > self.max_event:
+                    self._check(0)
+                self._data.append(line[6:])
+            else:
+                self._line(line, events)
         self._hold(rest)
         return events
 
@@ -95,12 +103,6 @@ class EventStream:
             raise EventTooLarge(f"an event over {self.max_event // 2**20} MiB")
 
     def _line(self, line: str, events: list[Event]) -> None:
-        if line.startswith("data: "):  # nearly every line of a chat stream: the short way
-            self._data_size += len(line) - 5
-            if self._data_size > self.max_event:
-                self._check(0)
-            self._data.append(line[6:])
-            return
         if not line:
             if self._data:
                 data = "\n".join(self._data)
