@@ -33,6 +33,9 @@ CallFailed / RunFinished. One lock serializes all widget writes.
 Widgets live in the kernel until closed. A process keeps the last LIVE_TREES trees live (clickable);
 when a newer tree would exceed that, the oldest finished one is disposed: its widgets (with their
 layouts and styles) are closed and its run dropped, so 500 runs hold as many widgets as 20.
+
+Over 400 lines on purpose: the coalescing (who pushes when, from which thread) and the widgets it
+writes are one piece of state; split, every change would touch both halves.
 """
 
 from __future__ import annotations
