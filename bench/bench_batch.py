@@ -9,7 +9,9 @@ bar, updated by the waiting thread).
 Prints: wall time against the ideal (rows × 4 calls × delay / concurrency = 12.5 s by default;
 goal ≤ 1.10), the CPU moa-magic spent per call (on a shared machine a steadier figure than the
 wall time), peak RSS, the widget updates sent, then the same batch again from the request cache
-(a cache file of its own): its wall time and the requests the server saw (goal: 0). No asserts.
+(a cache file of its own): its wall time and the requests the server saw (goal: 0). Last, the
+floor this machine and server allow: the same calls from a bare aiohttp client (one request per
+call, no moa-magic), wall / ideal. No asserts.
 """
 
 from __future__ import annotations
@@ -76,6 +78,27 @@ class ServerProcess:
         self._process.join(15)
 
 
+async def bare_client(url: str, calls: int, concurrency: int) -> float:
+    """Wall time of `calls` streamed requests, `concurrency` at once, with nothing but aiohttp."""
+    import asyncio
+
+    import aiohttp
+
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(session, n: int) -> None:
+        body = {"model": "a", "messages": [{"role": "user", "content": f"Question {n}"}],
+                "stream": True, "max_tokens": 64}
+        async with slots, session.post(f"{url}/chat/completions", json=body) as response:
+            async for _ in response.content:
+                pass
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(one(session, n) for n in range(calls)))
+    return time.perf_counter() - started
+
+
 def one_pass(prompts, config, concurrency):
     import moa_magic
     from moa_magic.render.batch import WidgetProgress
@@ -120,6 +143,12 @@ def main() -> None:
         wall_again, _, again, _ = one_pass(prompts, config, args.concurrency)
         print(f"rerun from the cache: {wall_again:.2f} s; requests sent {server.counters()[0] - sent} "
               f"(goal 0); rows cached {again.progress.cached} of {args.rows}")
+
+        import asyncio
+
+        floor = asyncio.run(bare_client(server.url, args.rows * 4, args.concurrency))
+        print(f"floor: the same {args.rows * 4} calls from a bare aiohttp client: {floor:.2f} s; "
+              f"wall / ideal = {floor / ideal:.3f}")
 
 
 if __name__ == "__main__":
