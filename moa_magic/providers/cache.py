@@ -33,8 +33,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from .cache_info import CacheInfo
 
 log = logging.getLogger("moa_magic")
 
@@ -100,43 +103,6 @@ class CachedReply:
     created: float
     finish_reason: str | None = None
     attempts: int = 0  # no request was sent
-
-
-@dataclass(frozen=True)
-class CacheInfo:
-    path: Path
-    entries: int
-    bytes: int
-    max_bytes: int
-    file_bytes: int
-    hits: int
-    stored_cost_usd: float
-    oldest: float | None
-    newest: float | None
-    models: tuple[tuple[str, int], ...]
-
-    def text(self) -> str:
-        from ..figures import usd
-
-        mb = 1024 * 1024
-        lines = [
-            f"moa cache: {self.path}",
-            f"  {self.entries} replies · {self.bytes / mb:.2f} MB of {self.max_bytes / mb:.0f} MB "
-            f"(file {self.file_bytes / mb:.2f} MB) · served {self.hits} times · "
-            f"first paid {usd(self.stored_cost_usd)}",
-        ]
-        if self.oldest is not None:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.oldest))
-            last = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.newest))
-            lines.append(f"  stored from {when} to {last}")
-        lines += [f"  {count:>6}  {model}" for model, count in self.models]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.text()
-
-    def _repr_pretty_(self, printer, cycle) -> None:
-        printer.text(self.text())
 
 
 _thread_pool = None
@@ -310,6 +276,8 @@ class RequestCache:
                 "SELECT model, COUNT(*) AS n FROM replies GROUP BY model ORDER BY n DESC, model LIMIT 10"
             ).fetchall()
         files = [self.path, Path(f"{self.path}-wal")]
+        from .cache_info import CacheInfo
+
         return CacheInfo(
             path=self.path, entries=entries, bytes=total, max_bytes=self.max_bytes,
             file_bytes=sum(p.stat().st_size for p in files if p.exists()), hits=hits,
