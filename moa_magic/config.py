@@ -18,7 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError, MoaUserError
-from .limits import max_tokens_problem, temperature_problem
+from .limits import judge_prompt_problem, max_tokens_problem, temperature_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -158,6 +158,7 @@ class Preset:
     aggregator_prompt: str | None = None
     quorum: int | None = None  # None: the run's [settings]
     deadline: float | None = None
+    judge_prompt: str | None = None  # None: the run's [settings]
     source: str = BUILTIN
 
 
@@ -183,6 +184,7 @@ class RunSettings:
     cache_path: str = ""  # empty: requests.sqlite3 in the user cache dir
     cache_max_mb: float = 256.0
     cache_replay_s: float = 0.3  # how long a cached answer takes to stream into a watched run
+    judge_prompt: str = ""  # replaces core/judge.py's (a preset's wins); empty: that one
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ PROVIDER_KEYS = {
 PREFILL_KINDS = ("", "trailing", "vllm", "mistral")
 PRESET_KEYS = {
     "layers", "aggregator", "description", "temperature", "max_tokens", "system", "aggregator_prompt",
-    "quorum", "deadline",
+    "quorum", "deadline", "judge_prompt",
 }
 
 
@@ -454,6 +456,8 @@ def _preset(name: str, table: dict, where: str) -> Preset:
         if "quorum" in table else None,
         deadline=float(_number(table["deadline"], where, section, "deadline", SETTINGS_RANGES["deadline"]))
         if "deadline" in table else None,
+        judge_prompt=_judge_prompt(table["judge_prompt"], where, section)
+        if "judge_prompt" in table else None,
         source=where,
     )
 
@@ -496,6 +500,15 @@ def _settings(current: RunSettings, table: dict, where: str) -> RunSettings:
             if not path.is_absolute() and where != BUILTIN:  # relative to the file that says it
                 path = Path(where).parent / path
             fields[key] = str(path)
+        elif key == "judge_prompt":
+            fields[key] = _judge_prompt(value, where, "settings")
         else:
             fields[key] = allowed[key](_number(value, where, "settings", key, SETTINGS_RANGES[key]))
     return replace(current, **fields)
+
+
+def _judge_prompt(value, where: str, section: str) -> str:
+    problem = judge_prompt_problem(value)
+    if problem:
+        raise ConfigError(f"{where}: [{section}] judge_prompt {problem}.")
+    return value

@@ -156,6 +156,60 @@ def test_the_judge_prompt_can_be_replaced(config, chat_server):
                       judge_prompt="{question} {answer_a}")
 
 
+SETTINGS_JUDGE = "From settings. Q: {question} / A: {answer_a} / B: {answer_b}. VERDICT?"
+PRESET_JUDGE = "From the preset. Q: {question} / A: {answer_a} / B: {answer_b}. VERDICT?"
+
+
+def toml_text(text: str) -> str:
+    """`text` as a TOML string inside write_moa_toml's format string (braces doubled)."""
+    return json.dumps(text).replace("{", "{{").replace("}", "}}")
+
+
+def test_the_judge_prompt_can_be_set_in_the_config(write_moa_toml, chat_server):
+    write_moa_toml("\n".join([
+        FAKE_PROVIDER, FAKE_PRESET, NO_RETRIES + f"judge_prompt = {toml_text(SETTINGS_JUDGE)}\n",
+        '[presets.judged]\nlayers = [["fake:a"]]\naggregator = "fake:agg"\n'
+        f"judge_prompt = {toml_text(PRESET_JUDGE)}\n",
+    ]))
+    chat_server.script(model="j", text="VERDICT: TIE - same")
+
+    def judge_requests() -> list[str]:
+        sent = [last_user_message(r["body"]) for r in chat_server.requests_for("j")]
+        chat_server.reset()
+        chat_server.script(model="j", text="VERDICT: TIE - same")
+        return sent
+
+    from_settings = moa_magic.run("why?", preset="fake", baseline="fake:x", judge="fake:j")
+    assert from_settings.judge_prompt == SETTINGS_JUDGE
+    assert "From settings. Q: why? / A: agg says: why? / B: x says: why?. VERDICT?" in judge_requests()
+    from_preset = moa_magic.run("why?", preset="judged", baseline="fake:x", judge="fake:j")
+    assert from_preset.judge_prompt == PRESET_JUDGE  # a preset's wins over [settings]
+    assert "From the preset. Q: why? / A: x says: why? / B: agg says: why?. VERDICT?" in judge_requests()
+    flag = "Flag: {question} {answer_a} {answer_b}"
+    from_flag = moa_magic.run("why?", preset="judged", baseline="fake:x", judge="fake:j",
+                              judge_prompt=flag)
+    assert from_flag.judge_prompt == flag and from_flag.to_dict()["judge_prompt"] == flag
+
+
+@pytest.mark.parametrize("section, value, problem", [
+    ("[settings]", '"{{question}} {{answer_a}}"', "[settings] judge_prompt lacks {answer_b}"),
+    ("[presets.fake]", "3", "[presets.fake] judge_prompt must be text in quotes"),
+])
+def test_a_bad_judge_prompt_in_the_config_is_a_one_line_error(write_moa_toml, section, value, problem):
+    from moa_magic.config import load_config
+    from moa_magic.errors import ConfigError
+
+    body = "retries = 0" if section == "[settings]" else 'layers = [["fake:a"]]\naggregator = "fake:agg"'
+    path = write_moa_toml(f"{FAKE_PROVIDER}\n{section}\n{body}\njudge_prompt = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: {problem}") and "\n" not in str(caught.value)
+    done = subprocess.run([sys.executable, "-m", "moa_magic", "--dry-run", "why?"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and problem in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
 def test_a_failed_baseline_is_not_judged_and_the_run_still_succeeds(config, chat_server):
     chat_server.script(model="x", status=500)
     result = moa_magic.run("why?", preset="fake", baseline="fake:x", judge="fake:j")

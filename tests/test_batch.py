@@ -175,8 +175,8 @@ def test_prompts_from_a_dataframe_template_and_to_pandas(config, chat_server):
 def test_dry_run_prices_the_whole_batch(config, chat_server):
     from moa_magic.core.batch import prepare_batch
 
-    _, _, one = prepare_batch(["q"], preset="fake")
-    _, _, many = prepare_batch(["q"] * 10, preset="fake")
+    _, _, one = prepare_batch(["q"], preset="fake", priced=True)
+    _, _, many = prepare_batch(["q"] * 10, preset="fake", priced=True)
     assert many.calls == 10 * one.calls and many.cost_max == pytest.approx(10 * one.cost_max)
     assert "10 rows" in many.text()
 

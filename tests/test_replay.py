@@ -244,3 +244,39 @@ def test_magic_save_replay_and_cache(shell, chat_server, config, tmp_path):
         shell.run_line_magic("moa", "cache drop")
     with pytest.raises(UsageError, match="Usage: %moa replay PATH"):
         shell.run_line_magic("moa", f"replay {tmp_path / 'missing.json'}")
+
+
+def test_baselines_and_verdicts_load_back_and_replay(chat_server, config, tmp_path):
+    chat_server.script(model="x", reply=Reply(text="the baseline's own answer", delay=0.1, chunk_delay=0.04))
+    chat_server.script(model="j", reply=lambda body: Reply(
+        text="VERDICT: A - the first" if "[Answer A]\nagg says" in body["messages"][-1]["content"]
+        else "VERDICT: B - the second"))
+    recorded = Clock()
+    result = moa_magic.run("Tell me", preset="keyed", cache=False, baseline="fakekey:x",
+                           judge="fakekey:j", listeners=[recorded])
+    assert result.judgements[0].outcome == "win"
+    path = tmp_path / "judged.json"
+    result.save(path)
+    loaded = moa_magic.load(path)
+    assert loaded.to_dict() == json.loads(json.dumps(result.to_dict()))
+    assert loaded.baselines[0].text == "the baseline's own answer"
+    assert loaded.judgements[0].outcome == "win" and loaded.judge_prompt == result.judge_prompt
+
+    replayed = Clock()
+    again = moa_magic.replay(path, listeners=[replayed])
+    baseline = result.baselines[0].label
+    total = recorded.events[-1][0]
+    for kind in ("CallStarted", "TextDelta", "CallFinished"):  # the baseline is redrawn in time
+        before, after = recorded.times(kind)[baseline], replayed.times(kind)[baseline]
+        assert len(before) == len(after) >= 1, kind
+        assert all(abs(now - was) <= 0.1 * total for was, now in zip(before, after)), kind
+    judge_labels = {r.label for r in result.judge_calls()}
+    assert not judge_labels & {label for _, _, label in replayed.events}  # restored, not redrawn
+    assert again.baselines[0].to_dict() == result.baselines[0].to_dict()
+    assert [j.to_dict() for j in again.judgements] == [j.to_dict() for j in result.judgements]
+
+    plain = tmp_path / "plain.json"  # a --json output: no timeline, the baseline's is estimated
+    plain.write_text(json.dumps(result.to_dict()), "utf-8")
+    estimated = moa_magic.replay(plain, speed=50)
+    assert estimated.baselines[0].text == "the baseline's own answer"
+    assert estimated.judgements[0].outcome == "win"

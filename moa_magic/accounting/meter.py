@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from ..core.result import CallRecord
 
 NOT_BILLED = "not billed (ended before any output)"
-_DELTA_CACHE_LIMIT = 4096  # deltas repeat ("the", " a"): short ones are counted once
 
 
 class Preparation:
@@ -90,7 +89,6 @@ class Meter:
         }
         self._calls[(len(plan.layers) + 1, 0)] = plan.aggregator
         self._calls.update(side.call_slots(plan))  # baselines and the judge, billed alike
-        self._delta_counts: dict[tuple[str, str], int] = {}
         self._preparation = Preparation(list(self._calls.values()), self.user_prices)
         self._owed: dict[int, CallRecord] = {}  # records seen before the preparation was ready
 
@@ -123,7 +121,7 @@ class Meter:
             model = self._call(event.record).model
             event.record.prompt_tokens += tokens.count_messages(model, event.step["messages"])
         elif isinstance(event, TextDelta):
-            event.record.completion_tokens += self._count_delta(event.record, event.text)
+            event.record.completion_tokens += tokens.count_text(self._call(event.record).model, event.text)
         elif isinstance(event, CallRetrying):
             event.record.completion_tokens = 0
         elif isinstance(event, CallFinished):
@@ -158,15 +156,6 @@ class Meter:
             record.cost_usd = 0.0
         else:
             self._price(record)
-
-    def _count_delta(self, record: CallRecord, text: str) -> int:
-        model = self._call(record).model
-        count = self._delta_counts.get((model, text))
-        if count is None:
-            count = tokens.count_text(model, text)
-            if len(text) <= 32 and len(self._delta_counts) < _DELTA_CACHE_LIMIT:
-                self._delta_counts[(model, text)] = count
-        return count
 
     def _bill_partial(self, record: CallRecord) -> None:
         """A call that ended early is billed for what it streamed, or nothing before any output."""

@@ -20,6 +20,7 @@ Counts for OpenAI models are exact (the model's own encoding). For any other mod
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import re
@@ -91,6 +92,10 @@ _CL100K = re.compile(r"^(gpt-4|gpt-3\.5|gpt-35|text-embedding-ada-002|text-embed
 
 _lock = threading.Lock()
 _encodings: dict[str, "tiktoken.Encoding"] = {}
+# Short texts recur (the deltas "the", " a"; roles; a batch row's prompt, sent to each proposer of
+# layer 1 and counted again for its estimate): their counts are kept, in a bounded LRU.
+_MEMO_MAX_CHARS = 2048
+_MEMO_SIZE = 4096
 
 
 class TokenizerDataError(MoaError):
@@ -111,6 +116,7 @@ def _bare_model(model: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=256)
 def encoding_name_for(model: str) -> tuple[str, bool]:
     """The encoding used to count `model`'s tokens and whether that count is exact.
 
@@ -210,7 +216,19 @@ def count_text(model: str, text: str) -> int:
     """Tokens in `text` for `model`. Special-token text such as `<|endoftext|>` counts as plain text."""
     if not text:
         return 0
-    return len(get_encoding(encoding_name_for(model)[0]).encode_ordinary(text))
+    return _count(encoding_name_for(model)[0], text)
+
+
+def _count(name: str, text: str) -> int:
+    encoding = get_encoding(name)
+    if len(text) <= _MEMO_MAX_CHARS:
+        return _remembered_count(name, text)
+    return len(encoding.encode_ordinary(text))
+
+
+@functools.lru_cache(maxsize=_MEMO_SIZE)
+def _remembered_count(name: str, text: str) -> int:
+    return len(_encodings[name].encode_ordinary(text))
 
 
 def count_messages(model: str, messages: list[dict]) -> int:
@@ -218,12 +236,12 @@ def count_messages(model: str, messages: list[dict]) -> int:
 
     Values that are not strings (e.g. multi-part content lists) count their text parts only.
     """
-    enc = get_encoding(encoding_name_for(model)[0])
+    name = encoding_name_for(model)[0]
     total = REPLY_PRIMING
     for message in messages:
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
-            total += sum(len(enc.encode_ordinary(text)) for text in _texts(value))
+            total += sum(_count(name, text) for text in _texts(value))
             if key == "name":
                 total += TOKENS_PER_NAME
     return total

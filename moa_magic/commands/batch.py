@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
         options.pop("cache", None)
         plan, cfg, estimate = batching.prepare_batch(
             prompts, max_concurrency=args.max_concurrency, cache=args.cache,
-            check_keys=not args.dry_run, **options)
+            check_keys=not args.dry_run, priced=args.dry_run, **options)
         if args.dry_run:
             print(estimate.text())
             return 0

@@ -78,9 +78,12 @@ def rows_of(prompts) -> list:
 
 
 def prepare_batch(prompts: list[str], *, max_concurrency: int | None = None, cache=True,
-                  max_cost: float | None = None, check_keys: bool = True, **options):
-    """(plan, config, estimate): checked and priced before anything is sent. The estimate is the
-    sum of every row's bounds (accounting/estimate.py); over `max_cost` the batch is refused."""
+                  max_cost: float | None = None, check_keys: bool = True, priced: bool = False,
+                  **options):
+    """(plan, config, estimate): checked, and priced before anything is sent when `priced` (a dry
+    run) or `max_cost` asks for it, else the estimate is None (counting every row's input costs
+    ~0.4 ms a row). The estimate is the sum of every row's bounds (accounting/estimate.py); over
+    `max_cost` the batch is refused."""
     from ..accounting.estimate import validate_max_cost
     from .runner import prepare
 
@@ -91,6 +94,8 @@ def prepare_batch(prompts: list[str], *, max_concurrency: int | None = None, cac
     plan, cfg = prepare(prompts[0], cache=cache, check_keys=check_keys, **options)
     if max_concurrency is not None:
         plan = replace(plan, settings=replace(plan.settings, max_concurrency=max_concurrency))
+    if not priced and limit is None:
+        return plan, cfg, None
     estimate = estimate_batch(plan, cfg, prompts, limit)
     if limit is not None:
         estimate.check()

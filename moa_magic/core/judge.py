@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import MoaUserError
+from ..limits import JUDGE_PLACEHOLDERS, judge_prompt_problem
 
 if TYPE_CHECKING:
     from .result import CallRecord
@@ -28,7 +29,6 @@ JUDGE_PROMPT = (
     "VERDICT: A - <one-sentence reason>\n"
     "where the letter is A (answer A is better), B (answer B is better) or TIE."
 )
-PLACEHOLDERS = ("{question}", "{answer_a}", "{answer_b}")
 JUDGE_TEMPERATURE = 0.0  # a verdict is meant to be fixed: also what makes it cacheable by default
 JUDGE_MAX_TOKENS = 256
 REASON_MAX = 300
@@ -49,12 +49,9 @@ _LEAD = re.compile(r"^\s*[\-–—:.,;)\]*]*\s*(because\s+)?", re.IGNORECASE)
 
 def check_prompt(template: str) -> str:
     """A replacement judge prompt must place the question and both answers."""
-    missing = [p for p in PLACEHOLDERS if p not in template]
-    if missing:
-        raise MoaUserError(
-            f"The judge prompt lacks {', '.join(missing)}: it must contain {{question}}, "
-            f"{{answer_a}} and {{answer_b}} where the question and the two answers go."
-        )
+    problem = judge_prompt_problem(template)
+    if problem:
+        raise MoaUserError(f"The judge prompt {problem}.")
     return template
 
 
@@ -62,7 +59,7 @@ def judge_messages(template: str, question: str, answer_a: str, answer_b: str) -
     """One user turn. Placeholders are replaced one pass, left to right, so braces in the model
     text (code, or a literal '{answer_b}') are never read as placeholders."""
     values = {"{question}": question, "{answer_a}": answer_a.strip(), "{answer_b}": answer_b.strip()}
-    pattern = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+    pattern = re.compile("|".join(re.escape(p) for p in JUDGE_PLACEHOLDERS))
     return [{"role": "user", "content": pattern.sub(lambda m: values[m.group(0)], template)}]
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from ..errors import MoaUserError
+from .judge import Judgement
 from .result import CallRecord, MoaResult
 from .saved import FORMAT, VERSION, Timeline
 
@@ -62,6 +63,18 @@ def _record(data: dict) -> CallRecord:
     )
 
 
+def _judgement(data: dict) -> Judgement:
+    verdicts, reasons = list(data.get("verdicts") or [None, None]), list(data.get("reasons") or ["", ""])
+    if len(verdicts) != 2 or len(reasons) != 2:
+        raise ValueError("a judgement needs a verdict and a reason for each of its two orders")
+    return Judgement(
+        baseline_index=int(data["baseline_index"]), baseline=str(data["baseline"]),
+        judge=str(data["judge"]), calls=[_record(r) for r in data["calls"]],
+        verdicts=[None if v is None else str(v) for v in verdicts], reasons=[str(r) for r in reasons],
+        skipped=data.get("skipped"),
+    )
+
+
 def _result(data: dict) -> MoaResult:
     return MoaResult(
         prompt=str(data["prompt"]), preset=str(data["preset"]), shape=str(data["shape"]),
@@ -73,4 +86,7 @@ def _result(data: dict) -> MoaResult:
         started=float(data.get("started_at") or 0.0),
         elapsed_s=float((data.get("totals") or {}).get("elapsed_s") or 0.0),
         layer_seconds=[float(s) for s in data.get("layer_seconds") or []],
+        baselines=[_record(r) for r in data.get("baselines") or []],
+        judgements=[_judgement(j) for j in data.get("judgements") or []],
+        judge_prompt=data.get("judge_prompt"),
     )

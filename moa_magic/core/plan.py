@@ -225,6 +225,7 @@ def build_plan(
             cache=config.settings.cache if cache is None else cache_mode(cache, "cache="),
             quorum=_first(quorum, chosen.quorum, config.settings.quorum),
             deadline=float(_first(deadline, chosen.deadline, config.settings.deadline)),
+            judge_prompt=chosen.judge_prompt or config.settings.judge_prompt,
         ),
         staircase_chunk=_staircase_chunk(staircase, staircase_chunk),
     )

@@ -43,6 +43,12 @@ def check_speed(speed) -> float:
     return float(speed)
 
 
+def redrawn(result: MoaResult) -> list[CallRecord]:
+    """The calls a replay plays again: the mixture's and the baselines beside it. The judge's
+    calls (after the run) keep the state they were saved in."""
+    return [*result.calls(), *result.baselines]
+
+
 class Replay:
     """Plays one saved result to `listeners`; `result` is the fresh result it fills."""
 
@@ -60,7 +66,7 @@ class Replay:
         self.result.elapsed_s, self.result.layer_seconds = 0.0, []
         self.result.started = time.time()
         self.result.replay_of = replay_label(saved, self.speed)
-        for record in self.result.calls():
+        for record in redrawn(self.result):
             for name, value in blank.items():
                 setattr(record, name, copy.copy(value))
 
@@ -75,7 +81,7 @@ class Replay:
             if when is not None:
                 steps.append((when, len(steps), action))
 
-        pairs = list(zip(self.saved.calls(), self.result.calls()))
+        pairs = list(zip(redrawn(self.saved), redrawn(self.result)))
         for original, live in pairs:
             times = self.timeline.calls.get((original.layer, original.index))
             if times is None or times.start is None:
@@ -158,7 +164,7 @@ class Replay:
 
     def _finish(self) -> None:
         """The recorded end state: calls that never ended (cancelled, skipped) and the outcome."""
-        for original, live in zip(self.saved.calls(), self.result.calls()):
+        for original, live in zip(redrawn(self.saved), redrawn(self.result)):
             if live.status != original.status:
                 for name in FINAL_FIELDS:
                     setattr(live, name, copy.copy(getattr(original, name)))

@@ -57,27 +57,33 @@ class Timeline:
         def ms(seconds: float | None) -> int | None:
             return None if seconds is None else round(seconds * 1000)
 
-        calls = []
-        for record in result.calls():
+        def entry(record: CallRecord) -> dict | None:
             times = self.calls.get((record.layer, record.index))
             if times is None or times.start is None:
-                calls.append(None)
-                continue
-            calls.append({
+                return None
+            return {
                 "start_ms": ms(times.start), "end_ms": ms(times.end),
                 "chunk_ms": [ms(t) for t in times.chunk_at], "chunk_chars": times.chunk_chars,
                 "retries": [[ms(t), attempt, reason, delay] for t, attempt, reason, delay in times.retries],
-            })
-        return {"calls": calls, "layers_ms": [ms(t) for t in self.layers], "end_ms": ms(self.end)}
+            }
+
+        data = {"calls": [entry(r) for r in result.calls()], "layers_ms": [ms(t) for t in self.layers],
+                "end_ms": ms(self.end)}
+        if result.baselines:  # the judge's calls are restored, not redrawn: no timings needed
+            data["baselines"] = [entry(r) for r in result.baselines]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, result: MoaResult) -> Timeline:
         timeline = cls(layers=[t / 1000 for t in data["layers_ms"]],
                        end=None if data["end_ms"] is None else data["end_ms"] / 1000)
-        entries = data["calls"]
-        if len(entries) != len(result.calls()):
-            raise ValueError(f"timeline has {len(entries)} calls, the run {len(result.calls())}")
-        for record, entry in zip(result.calls(), entries):
+        entries, records = data["calls"], result.calls()
+        if len(entries) != len(records):
+            raise ValueError(f"timeline has {len(entries)} calls, the run {len(records)}")
+        baselines = data.get("baselines") or []
+        if len(baselines) != len(result.baselines):
+            raise ValueError(f"timeline has {len(baselines)} baselines, the run {len(result.baselines)}")
+        for record, entry in zip([*records, *result.baselines], [*entries, *baselines]):
             if entry is None:
                 continue
             if len(entry["chunk_ms"]) != len(entry["chunk_chars"]):
@@ -98,18 +104,24 @@ class Timeline:
         import re
 
         timeline, start = cls(), 0.0
+
+        def estimate(record: CallRecord, start: float) -> None:
+            if record.status in ("waiting", "skipped"):
+                return
+            words = [len(w) for w in re.findall(r"\s*\S+\s*", record.text)] or [len(record.text)]
+            latency = record.latency_s or 0.0
+            first = min(record.ttft_s if record.ttft_s is not None else 0.0, latency)
+            step = (latency - first) / max(1, len(words) - 1)
+            timeline.calls[(record.layer, record.index)] = CallTimes(
+                start=start, end=start + latency,
+                chunk_at=[first + i * step for i in range(len(words))], chunk_chars=words,
+            )
+
+        for record in result.baselines:  # they start with layer 1
+            estimate(record, 0.0)
         for number, records in enumerate([*result.layers, [result.aggregator]]):
             for record in records:
-                if record.status in ("waiting", "skipped"):
-                    continue
-                words = [len(w) for w in re.findall(r"\s*\S+\s*", record.text)] or [len(record.text)]
-                latency = record.latency_s or 0.0
-                first = min(record.ttft_s if record.ttft_s is not None else 0.0, latency)
-                step = (latency - first) / max(1, len(words) - 1)
-                timeline.calls[(record.layer, record.index)] = CallTimes(
-                    start=start, end=start + latency,
-                    chunk_at=[first + i * step for i in range(len(words))], chunk_chars=words,
-                )
+                estimate(record, start)
             seconds = result.layer_seconds[number] if number < len(result.layer_seconds) else max(
                 (record.latency_s or 0.0 for record in records), default=0.0)
             start += seconds

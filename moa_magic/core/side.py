@@ -63,7 +63,7 @@ def with_side_calls(plan: Plan, config: Config, baseline=None, judge: str | None
     plan = replace(
         plan, baselines=tuple(baseline_call(s) for s in specs), judge=judge_call,
         judge_prompt=judging.check_prompt(judge_prompt) if judge_prompt else
-        (judging.JUDGE_PROMPT if judge_call else None),
+        (plan.settings.judge_prompt or judging.JUDGE_PROMPT if judge_call else None),
     )
     for provider in plan.providers().values():
         provider.url()

@@ -49,7 +49,7 @@ def run_over(magics, args, cell: str, options: dict):
     prompts = row_prompts(cell, args.over, magics.shell.user_ns)
     if args.dry_run:
         _, _, estimate = batching.prepare_batch(prompts, max_concurrency=args.max_concurrency,
-                                                check_keys=False, **options)
+                                                check_keys=False, priced=True, **options)
         display(estimate)
         return None
     plan, cfg, _ = batching.prepare_batch(prompts, max_concurrency=args.max_concurrency, **options)

@@ -9,8 +9,11 @@ latency. Never a header or an API key: neither is part of the body, and the orig
 Storage is the standard library's sqlite3, one file (`requests.sqlite3` in the user cache dir,
 found with platformdirs; `[settings] cache_path` moves it). WAL mode lets readers go on while one
 process writes; `busy_timeout` makes a second writer (another kernel, another `moa`) wait for the
-lock instead of failing, and every write is one `BEGIN IMMEDIATE` transaction, so two processes
-writing at once lose nothing. The stored size is bounded (`cache_max_mb`): triggers keep the total
+lock instead of failing, and every write is inside a `BEGIN IMMEDIATE` transaction, so two
+processes writing at once lose nothing. Runs do not hop to the cache's thread once per call: what
+they ask while the thread is busy (look-ups, which also mark a reply used, and writes) is queued
+and done together, in one transaction and one wake-up of the run's loop per round — a batch with
+64 calls in flight would otherwise spend much of its CPU on thread hops and commits. The stored size is bounded (`cache_max_mb`): triggers keep the total
 in `totals`, and past the bound the least recently used replies go, down to 90 % of it.
 
 Which calls are served is the run's policy (`CallCache`, see README "Cache"): `auto` serves calls
@@ -30,8 +33,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    from .cache_info import CacheInfo
 
 log = logging.getLogger("moa_magic")
 
@@ -99,43 +105,6 @@ class CachedReply:
     attempts: int = 0  # no request was sent
 
 
-@dataclass(frozen=True)
-class CacheInfo:
-    path: Path
-    entries: int
-    bytes: int
-    max_bytes: int
-    file_bytes: int
-    hits: int
-    stored_cost_usd: float
-    oldest: float | None
-    newest: float | None
-    models: tuple[tuple[str, int], ...]
-
-    def text(self) -> str:
-        from ..figures import usd
-
-        mb = 1024 * 1024
-        lines = [
-            f"moa cache: {self.path}",
-            f"  {self.entries} replies · {self.bytes / mb:.2f} MB of {self.max_bytes / mb:.0f} MB "
-            f"(file {self.file_bytes / mb:.2f} MB) · served {self.hits} times · "
-            f"first paid {usd(self.stored_cost_usd)}",
-        ]
-        if self.oldest is not None:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.oldest))
-            last = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.newest))
-            lines.append(f"  stored from {when} to {last}")
-        lines += [f"  {count:>6}  {model}" for model, count in self.models]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.text()
-
-    def _repr_pretty_(self, printer, cycle) -> None:
-        printer.text(self.text())
-
-
 _thread_pool = None
 
 
@@ -160,10 +129,50 @@ class RequestCache:
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._lock = threading.Lock()
         self._db = None
+        self._queue_lock = threading.Lock()
+        self._queued: list[tuple[tuple, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._draining = False
 
-    async def call(self, method, *args):
-        """`method(*args)` on the cache's one thread (see `_cache_thread`)."""
-        return await asyncio.get_running_loop().run_in_executor(_cache_thread(), method, *args)
+    async def lookup(self, key: str) -> CachedReply | None:
+        """`get` on the cache's thread, together with whatever else is queued (see the module doc)."""
+        return await self._enqueue(("get", key))
+
+    async def store(self, key: str, model: str, endpoint: str, reply: dict) -> None:
+        """`put` on the cache's thread, together with whatever else is queued."""
+        await self._enqueue(("put", key, model, endpoint, reply))
+
+    def _enqueue(self, job: tuple) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._queue_lock:
+            self._queued.append((job, loop, future))
+            idle, self._draining = not self._draining, True
+        if idle:
+            try:
+                _cache_thread().submit(self._drain)
+            except BaseException:
+                with self._queue_lock:
+                    self._draining = False
+                raise
+        return future
+
+    def _drain(self) -> None:
+        """On the cache's thread: every round takes all that was queued meanwhile."""
+        while True:
+            with self._queue_lock:
+                queued, self._queued = self._queued, []
+                if not queued:
+                    self._draining = False
+                    return
+            outcomes = self._run([job for job, _, _ in queued])
+            by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+            for (_, loop, future), outcome in zip(queued, outcomes):
+                by_loop.setdefault(loop, []).append((future, outcome))
+            for loop, settled in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle, settled)
+                except RuntimeError:  # that loop is closed: nobody waits any more
+                    pass
 
     def _connection(self):
         import sqlite3
@@ -186,40 +195,63 @@ class RequestCache:
         return self._db
 
     def get(self, key: str) -> CachedReply | None:
-        with self._lock:
-            db = self._connection()
-            row = db.execute("SELECT reply, created FROM replies WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE replies SET last_used = ?, hits = hits + 1 WHERE key = ?",
-                       (time.time(), key))
-        stored = json.loads(row[0])
-        return CachedReply(
-            text=stored["text"], usage=stored.get("usage"), cost_usd=stored.get("cost_usd"),
-            price_source=stored.get("price_source"), created=row[1],
-            finish_reason=stored.get("finish_reason"),
-        )
+        return _unwrap(self._run([("get", key)])[0])
 
     def put(self, key: str, model: str, endpoint: str, reply: dict) -> None:
         """Store (or refresh) one reply, then evict the least recently used past the bound."""
-        data = json.dumps(reply, ensure_ascii=False, separators=(",", ":"))
+        _unwrap(self._run([("put", key, model, endpoint, reply)])[0])
+
+    def _run(self, jobs: list[tuple]) -> list:
+        """Look-ups and writes in order, in one transaction; per job its result or its exception."""
+        outcomes: list = [None] * len(jobs)
+        rows: dict[int, tuple] = {}
+        encoded: dict[int, str] = {}
+        for n, job in enumerate(jobs):
+            if job[0] == "put":
+                try:
+                    encoded[n] = json.dumps(job[4], ensure_ascii=False, separators=(",", ":"))
+                except Exception as exc:  # only this reply is lost
+                    outcomes[n] = exc
         now = time.time()
-        with self._lock:
-            db = self._connection()
-            db.execute("BEGIN IMMEDIATE")
+        try:
+            with self._lock:
+                db = self._connection()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for n, job in enumerate(jobs):
+                        if job[0] == "get":
+                            rows[n] = self._get_row(db, job[1], now)
+                        elif n in encoded:
+                            _, key, model, endpoint, _ = job
+                            data = encoded[n]
+                            db.execute(
+                                "INSERT INTO replies (key, model, origin, reply, size, created, last_used) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                "reply = excluded.reply, size = excluded.size, created = excluded.created, "
+                                "last_used = excluded.last_used",
+                                (key, model, endpoint, data, len(data.encode("utf-8")), now, now),
+                            )
+                    if encoded:
+                        self._evict(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except Exception as exc:  # the file is unusable: every job of the round fails alike
+            return [outcome if isinstance(outcome, Exception) else exc for outcome in outcomes]
+        for n, row in rows.items():
             try:
-                db.execute(
-                    "INSERT INTO replies (key, model, origin, reply, size, created, last_used) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                    "reply = excluded.reply, size = excluded.size, created = excluded.created, "
-                    "last_used = excluded.last_used",
-                    (key, model, endpoint, data, len(data.encode("utf-8")), now, now),
-                )
-                self._evict(db)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                outcomes[n] = None if row is None else _reply(*row)
+            except Exception as exc:
+                outcomes[n] = exc
+        return outcomes
+
+    @staticmethod
+    def _get_row(db, key: str, now: float) -> tuple | None:
+        row = db.execute("SELECT reply, created FROM replies WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            db.execute("UPDATE replies SET last_used = ?, hits = hits + 1 WHERE key = ?", (now, key))
+        return row
 
     def _evict(self, db) -> None:
         (total,) = db.execute("SELECT bytes FROM totals").fetchone()
@@ -244,6 +276,8 @@ class RequestCache:
                 "SELECT model, COUNT(*) AS n FROM replies GROUP BY model ORDER BY n DESC, model LIMIT 10"
             ).fetchall()
         files = [self.path, Path(f"{self.path}-wal")]
+        from .cache_info import CacheInfo
+
         return CacheInfo(
             path=self.path, entries=entries, bytes=total, max_bytes=self.max_bytes,
             file_bytes=sum(p.stat().st_size for p in files if p.exists()), hits=hits,
@@ -286,6 +320,31 @@ def open_cache(path: str | Path | None = None, max_mb: float = 256.0) -> Request
     return cache
 
 
+def _reply(data: str, created: float) -> CachedReply:
+    stored = json.loads(data)
+    return CachedReply(
+        text=stored["text"], usage=stored.get("usage"), cost_usd=stored.get("cost_usd"),
+        price_source=stored.get("price_source"), created=created,
+        finish_reason=stored.get("finish_reason"),
+    )
+
+
+def _unwrap(outcome):
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def _settle(settled: list[tuple[asyncio.Future, object]]) -> None:
+    for future, outcome in settled:
+        if future.done():  # its caller was cancelled
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 def cache_for_settings(settings) -> RequestCache:
     return open_cache(settings.cache_path or None, settings.cache_max_mb)
 
@@ -315,7 +374,7 @@ class CallCache:
 
     async def serve(self, key: str, on_delta: Callable[[str], None]) -> CachedReply | None:
         try:
-            hit = await self.store.call(self.store.get, key)
+            hit = await self.store.lookup(key)
         except Exception as exc:  # a broken cache is a miss, never a failed call
             self._warn("read", exc)
             return None
@@ -330,7 +389,7 @@ class CallCache:
 
     async def keep(self, key: str, model: str, endpoint: str, reply: dict) -> None:
         try:
-            await self.store.call(self.store.put, key, model, endpoint, reply)
+            await self.store.store(key, model, endpoint, reply)
         except Exception as exc:
             self._warn("write", exc)
 
