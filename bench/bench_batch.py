@@ -17,7 +17,6 @@ call, no moa-magic), wall / ideal. No asserts.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 import sys
 import tempfile
@@ -28,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # chat_server.py
 sys.path.insert(0, str(HERE.parent))
 
-from chat_server import ChatServer, Reply  # noqa: E402
+from chat_server import Reply  # noqa: E402
+from loopback import ServerProcess  # noqa: E402
 
 TOML = """\
 [providers.fake]
@@ -46,36 +46,8 @@ max_tokens = 64
 """
 
 
-def serve(delay: float, conn) -> None:
-    """The server process: answer every request after `delay`; report its counters when asked."""
-    with ChatServer() as server:
-        server.default_reply = Reply(delay=delay)
-        conn.send(server.url)
-        while conn.recv() == "counters":
-            conn.send((len(server.chat_requests), server.max_in_flight, time.process_time()))
-
-
-class ServerProcess:
-    """tests/chat_server.py's ChatServer in a child process (spawned: no copy of this one's threads)."""
-
-    def __init__(self, delay: float):
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(target=serve, args=(delay, child), daemon=True)
-
-    def __enter__(self) -> "ServerProcess":
-        self._process.start()
-        self.url = self._conn.recv()
-        return self
-
-    def counters(self) -> tuple[int, int, float]:
-        """(chat requests received so far, most in flight at once, the server's CPU seconds)."""
-        self._conn.send("counters")
-        return self._conn.recv()
-
-    def __exit__(self, *exc_info) -> None:
-        self._conn.send("stop")
-        self._process.join(15)
+def delayed_reply(delay: float) -> Reply:
+    return Reply(delay=delay)
 
 
 async def bare_client(url: str, calls: int, concurrency: int) -> float:
@@ -120,7 +92,7 @@ def main() -> None:
 
     prompts = [f"Question {n}: how does a Mixture-of-Agents work?" for n in range(args.rows)]
     ideal = max(args.rows * 4 * args.delay / args.concurrency, 1e-9)
-    with ServerProcess(args.delay) as server, tempfile.TemporaryDirectory() as tmp:
+    with ServerProcess(delayed_reply, args.delay) as server, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "moa.toml"
         path.write_text(TOML.format(url=server.url, cache=Path(tmp) / "cache.sqlite3",
                                     concurrency=args.concurrency), "utf-8")

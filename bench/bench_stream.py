@@ -3,7 +3,8 @@
     python bench/bench_stream.py [--deltas 200000] [--runs 3]
 
 The loopback server sends one proposer's reply as `--deltas` SSE events of one short word each
-(pre-built, written in 64 KiB pieces, so the server is not the bottleneck). The figure is deltas
+(pre-built, written in 64 KiB pieces by a server in its own process, bench/loopback.py, so the
+server is not the bottleneck). The figure is deltas
 divided by the call's latency, as the engine recorded it: SSE parsing, JSON per chunk, the text
 kept and the tokens counted (the deltas of one network read reach the engine as one piece). First the client alone (`stream_chat`, a no-op `on_delta`),
 then a whole `moa_magic.run` (engine, no listeners). Goal: >= 200,000 deltas/s; building the text
@@ -25,7 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # chat_server.py
 sys.path.insert(0, str(HERE.parent))
 
-from chat_server import ChatServer, Reply  # noqa: E402
+from chat_server import Reply  # noqa: E402
+from loopback import ServerProcess  # noqa: E402
 
 TOML = """\
 [providers.fake]
@@ -51,6 +53,10 @@ def sse_body(deltas: int) -> list[bytes]:
     return [body[i:i + 65536] for i in range(0, len(body), 65536)]
 
 
+def raw_reply(deltas: int) -> Reply:
+    return Reply(raw=sse_body(deltas))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--deltas", type=int, default=200_000)
@@ -62,9 +68,7 @@ def main() -> None:
     from moa_magic.core import runner
     from moa_magic.providers import client
 
-    body = sse_body(args.deltas)
-    with ChatServer() as server, tempfile.TemporaryDirectory() as tmp:
-        server.script(model="a", reply=Reply(raw=body))
+    with ServerProcess(raw_reply, args.deltas) as server, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "moa.toml"
         path.write_text(TOML.format(url=server.url), "utf-8")
         os.environ["MOA_MAGIC_CONFIG"] = str(path)

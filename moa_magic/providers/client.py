@@ -348,7 +348,18 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
     )
 
 
-_decode_json = json.JSONDecoder().decode  # json.loads less its per-call checks: one per delta
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _json_value(text: str):
+    """`json.loads(text)`, minus its per-call checks in the common case (one call per delta)."""
+    try:
+        value, end = _raw_decode(text)
+    except ValueError:
+        return json.loads(text)  # leading blanks, or the error message json.loads gives
+    if end != len(text) and text[end:].strip():
+        return json.loads(text)  # raises: data after the value
+    return value
 
 
 def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> bool:
@@ -357,7 +368,7 @@ def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> 
     if payload[:1] != "{" and payload.strip() == "[DONE]":  # a chunk (nearly always) skips this
         return True
     try:
-        chunk = _decode_json(payload)
+        chunk = _json_value(payload)
     except ValueError:
         if kind != "message":
             return False

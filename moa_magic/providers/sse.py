@@ -87,6 +87,9 @@ class EventStream:
                 if self._data_size > self.max_event:
                     self._check(0)
                 self._data.append(line[6:])
+            elif not line and len(self._data) == 1 and not self._type:
+                events.append(Event(self._data[0], "message", self.last_event_id))
+                self._data, self._data_size = [], 0
             else:
                 self._line(line, events)
         self._hold(rest)
