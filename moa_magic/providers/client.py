@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import aiohttp
+import orjson
 
 from ..config import Provider, RunSettings, redact_url
 from . import http
@@ -348,18 +349,13 @@ async def _read_stream(response, provider, settings, on_delta, reply: Reply) -> 
     )
 
 
-_raw_decode = json.JSONDecoder().raw_decode
-
-
 def _json_value(text: str):
-    """`json.loads(text)`, minus its per-call checks in the common case (one call per delta)."""
+    """A chunk's JSON value, parsed once per delta: orjson (about twice as fast), or the standard
+    library where orjson is stricter than JSON itself (lone surrogates, NaN), so both agree."""
     try:
-        value, end = _raw_decode(text)
-    except ValueError:
-        return json.loads(text)  # leading blanks, or the error message json.loads gives
-    if end != len(text) and text[end:].strip():
-        return json.loads(text)  # raises: data after the value
-    return value
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _handle_event(payload: str, kind: str, provider, on_delta, reply: Reply) -> bool:
