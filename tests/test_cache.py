@@ -285,6 +285,25 @@ def test_a_cached_call_costs_nothing_now_and_keeps_its_first_cost(chat_server, c
     assert "4 cached" in ledger.headline()
 
 
+def test_a_reply_kept_before_the_figures_are_ready_keeps_its_cost(chat_server, config):
+    """In a fresh process the price data and encodings load beside the first requests; a reply the
+    cache keeps meanwhile must still carry its cost (the meter settles first)."""
+    code = textwrap.dedent("""
+        import moa_magic
+        result = moa_magic.run("Fresh", preset="fake", temperature=0)
+        print([r.cost_usd for r in result.calls()])
+    """)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    paid = json.loads(done.stdout.strip().splitlines()[-1])
+    assert all(c and c > 0 for c in paid)
+    second = run("Fresh", temperature=0)
+    assert [r.cached for r in second.calls()] == [True] * 4
+    assert [r.original_cost_usd for r in second.calls()] == paid
+
+
 def test_a_watched_cached_answer_streams_in_several_deltas_over_a_short_time(chat_server, config):
     text = " ".join(f"word{i}" for i in range(40))
     chat_server.script(model="agg", reply=Reply(text=text))

@@ -24,6 +24,8 @@ ends with, and everything a listener reads from then on, are exact.
 
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import threading
 from typing import TYPE_CHECKING
@@ -112,6 +114,15 @@ class Meter:
         if self._owed and id(getattr(event, "record", None)) in self._settle():
             return  # settled from its state now, which includes this event
         self._count(event)
+
+    async def settled(self) -> None:
+        """Until every figure owed so far is exact: what reads a record's cost before the run ends
+        (the request cache keeping a reply) waits for the preparation that loads beside the
+        requests. Runs on the engine's loop, like the meter's events."""
+        while not self._preparation.ready.is_set():
+            await asyncio.sleep(0.005)
+        if self._owed:
+            self._settle()
 
     def _count(self, event: Event) -> None:
         if isinstance(event, CallStarted):

@@ -58,7 +58,8 @@ class Engine:
                  user_prices: dict | None = None, cache: CallCache | None = None, history=()):
         self.plan = plan
         self.cache = cache
-        self.listeners = [Meter(plan, user_prices), *listeners]
+        self.meter = Meter(plan, user_prices)
+        self.listeners = [self.meter, *listeners]
         # Created up front and filled in place: whoever holds it sees a partial run after a failure.
         self.result = new_result(plan, prompt)
         self.result.history = [dict(m) for m in history]  # earlier turns of a conversation
@@ -274,6 +275,7 @@ class Engine:
 
     async def _keep(self, call: ModelCall, base_url: str, body: dict, record: CallRecord) -> None:
         """A fresh complete reply, priced by the meter, is kept for later runs."""
+        await self.meter.settled()  # its cost may still wait for the price data to load
         key, endpoint = self._cache_key(call, base_url, body)
         await self.cache.keep(key, call.spec, endpoint, {
             "text": record.text, "usage": record.usage, "cost_usd": record.cost_usd,
