@@ -138,23 +138,14 @@ class MoaMagics(Magics):
         "rendition. Terminal IPython always prints plain text.",
     ).tag(config=True)
 
-    @validate("temperature")
-    def _check_temperature(self, proposal):
-        value = proposal["value"]
-        if value is not None and temperature_problem(value):
+    @validate("temperature", "max_tokens")
+    def _check_limits(self, proposal):
+        """The run's limits, as `limits.py` states them; None keeps the preset's value."""
+        name, value = proposal["trait"].name, proposal["value"]
+        problem = {"temperature": temperature_problem, "max_tokens": max_tokens_problem}[name]
+        if value is not None and problem(value):
             raise TraitError(
-                f"MoaMagics.temperature {temperature_problem(value)} (or None for the preset's "
-                f"value), got {value!r}."
-            )
-        return value
-
-    @validate("max_tokens")
-    def _check_max_tokens(self, proposal):
-        value = proposal["value"]
-        if value is not None and max_tokens_problem(value):
-            raise TraitError(
-                f"MoaMagics.max_tokens {max_tokens_problem(value)} (or None for the "
-                f"preset's value), got {value!r}."
+                f"MoaMagics.{name} {problem(value)} (or None for the preset's value), got {value!r}."
             )
         return value
 
