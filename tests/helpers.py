@@ -35,6 +35,15 @@ retries = 0
 backoff_base = 0
 """
 
+
+
+def prices_toml(**models: tuple[float, float]) -> str:
+    """`[prices."fake:NAME"]` tables, USD per million tokens: `prices_toml(a=(1, 2), agg=(3, 4))`."""
+    return "".join(
+        f'\n[prices."fake:{name}"]\ninput = {price_in}\noutput = {price_out}\n'
+        for name, (price_in, price_out) in models.items()
+    )
+
 # The moa.toml of the `moa_config` fixture: providers `fake` and `fakekey` pointing at a
 # ChatServer, and preset `fake` (3 proposers + aggregator).
 MOA_TOML = "\n".join([FAKE_PROVIDER, FAKEKEY_PROVIDER, FAKE_PRESET])

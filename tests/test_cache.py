@@ -14,6 +14,7 @@ import pytest
 
 import moa_magic
 from chat_server import ChatServer, Reply
+from helpers import prices_toml
 from moa_magic.accounting import usage
 from moa_magic.core import runner
 from moa_magic.core.events import TextDelta
@@ -40,23 +41,7 @@ aggregator = "fake:agg"
 [presets.keyed]
 layers = [["fakekey:a"]]
 aggregator = "fakekey:agg"
-
-[prices."fake:a"]
-input = 1
-output = 2
-
-[prices."fake:b"]
-input = 1
-output = 2
-
-[prices."fake:c"]
-input = 1
-output = 2
-
-[prices."fake:agg"]
-input = 3
-output = 4
-"""
+""" + prices_toml(a=(1, 2), b=(1, 2), c=(1, 2), agg=(3, 4))
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -15,25 +15,9 @@ from moa_magic.core import method, runner
 from moa_magic.accounting import tokens
 from moa_magic.accounting.estimate import JOIN_SLACK, CostLimitExceeded, estimate_plan
 from moa_magic.errors import MoaUserError
-from helpers import MOA_TOML
+from helpers import MOA_TOML, prices_toml
 
-PRICES = """
-[prices."fake:a"]
-input = 1
-output = 2
-
-[prices."fake:b"]
-input = 1
-output = 2
-
-[prices."fake:c"]
-input = 1
-output = 2
-
-[prices."fake:agg"]
-input = 1
-output = 2
-"""
+PRICES = prices_toml(a=(1, 2), b=(1, 2), c=(1, 2), agg=(1, 2))
 
 REMOTE = """
 [providers.remote]

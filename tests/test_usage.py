@@ -13,21 +13,9 @@ import moa_magic
 from chat_server import Reply
 from moa_magic.accounting import usage
 from moa_magic.errors import RunFailed
-from helpers import MOA_TOML
+from helpers import MOA_TOML, prices_toml
 
-PRICES = """
-[prices."fake:a"]
-input = 1
-output = 2
-
-[prices."fake:b"]
-input = 1
-output = 2
-
-[prices."fake:agg"]
-input = 3
-output = 4
-
+PRICES = prices_toml(a=(1, 2), b=(1, 2), agg=(3, 4)) + """
 [providers.remote]
 base_url = "https://llm.example.invalid/v1"
 """
