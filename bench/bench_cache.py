@@ -12,16 +12,11 @@ file of its own. Prints the wall time of both passes, the requests the server sa
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # chat_server.py
-sys.path.insert(0, str(HERE.parent))
-
-from chat_server import ChatServer  # noqa: E402
+from loopback import ChatServer  # noqa: E402 - also puts tests/ and the tree on sys.path
 
 TOML = """\
 [providers.fake]

@@ -22,11 +22,7 @@ import textwrap
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # chat_server.py
-sys.path.insert(0, str(HERE.parent))
-
-from chat_server import ChatServer, Reply  # noqa: E402
+from loopback import ChatServer, Reply  # noqa: E402 - also puts tests/ and the tree on sys.path
 
 TOML = """\
 [providers.fake]

@@ -26,11 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "tests"))  # chat_server.py
-
-from chat_server import ChatServer, Reply  # noqa: E402
+from loopback import ROOT, ChatServer, Reply  # noqa: E402 - also puts tests/ and the tree on sys.path
 
 TOML = """\
 [providers.fake]

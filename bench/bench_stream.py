@@ -17,17 +17,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))  # chat_server.py
-sys.path.insert(0, str(HERE.parent))
-
-from chat_server import Reply  # noqa: E402
-from loopback import ServerProcess  # noqa: E402
+from loopback import Reply, ServerProcess  # noqa: E402 - also puts tests/ and the tree on sys.path
 
 TOML = """\
 [providers.fake]

@@ -1,5 +1,6 @@
-"""tests/chat_server.py's ChatServer in a child process, for benches: the figures then measure
-moa-magic, not the test server sharing its interpreter (and its GIL).
+"""What every bench shares: the source tree and tests/ importable (the loopback test server
+`ChatServer`, `Reply`), and that server in a child process, so a figure measures moa-magic, not the
+test server sharing its interpreter (and its GIL).
 
     with ServerProcess(make_reply, arg, ...) as server:   # make_reply(*args) -> Reply, top level
         server.url, server.counters()
@@ -12,9 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # chat_server.py
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # chat_server.py; moa_magic from this tree
 
-from chat_server import ChatServer  # noqa: E402
+from chat_server import ChatServer, Reply  # noqa: E402
+
+__all__ = ["ROOT", "ChatServer", "Reply", "ServerProcess"]
 
 
 def _serve(make_reply, args: tuple, conn) -> None:
