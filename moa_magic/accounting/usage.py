@@ -103,10 +103,6 @@ class SessionUsage(_Figures):
         return sum((m.totals for m in self.models), Totals())
 
     @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    @property
     def unknown_prices(self) -> tuple[str, ...]:
         return tuple(m.model for m in self.models if m.price_unknown)
 

@@ -191,12 +191,3 @@ def _summed(usages: list[dict | None]) -> dict | None:
     total = {k: sum(u[k] for u in usages) for k in keys}
     return {**total, "total_tokens": sum(total.values())}
 
-
-def describe(record: CallRecord) -> str:
-    """A text form of the staircase: one line per step, what that chunk of the answer saw."""
-    lines = []
-    for step in record.steps:
-        saw = ", ".join(f"{label} {chars} chars" for label, chars in step["saw"].items())
-        done = "all ended" if step["proposers_done"] else "still streaming"
-        lines.append(f"step {step['step']}: +{step.get('chars', 0)} chars, saw {saw} ({done})")
-    return "\n".join(lines)

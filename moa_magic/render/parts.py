@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from ..accounting.totals import Totals
 from ..core.result import Status
 from .format import call_summary
-from .terminal import terminal_safe
 
 if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
@@ -77,21 +76,6 @@ def layer_title(number: int, records: list[CallRecord]) -> str:
     parts = ", ".join(f"{n} {s}" for s, n in counts.items())
     noun = "proposer" if len(records) == 1 else "proposers"
     return f"Layer {number} · {len(records)} {noun} · {parts}"
-
-
-def node_title(record: CallRecord, note: str | None = None) -> str:
-    """A proposer's or the aggregator's one-line title: label, model, status, timings, tokens.
-
-    Plain text (accordion titles are text). The error itself goes into the body.
-    """
-    summary = call_summary(record)
-    if record.error:
-        summary = summary.replace(f" · error: {record.error}", "")
-    title = f"{STATUS_MARK.get(record.status, '')} {record.label} · {summary}"
-    if note:
-        title += f" · {note}"
-    title = terminal_safe(" ".join(title.split()))
-    return title if len(title) <= 240 else title[:239] + "…"
 
 
 # -------------------------------------------------------------------------------------------------
