@@ -336,10 +336,10 @@ def test_the_size_is_bounded_and_the_least_recently_used_go_first(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     from moa_magic.providers.cache import RequestCache
-    path, tag, count, start = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    path, tag, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     cache = RequestCache(path, max_mb=100)
-    while time.time() < start:
-        time.sleep(0.001)
+    print("ready", flush=True)
+    sys.stdin.readline()  # the go: both writers are up, however slowly they started
     began = time.time()
     for i in range(count):
         cache.put(f"{tag}-{i}", "m", "o", {"text": f"{tag} reply {i}", "usage": None})
@@ -348,12 +348,17 @@ WRITER = textwrap.dedent("""
 
 
 def test_two_processes_writing_at_once_lose_nothing(tmp_path):
-    path, count = tmp_path / "shared.db", 300
-    start = time.time() + 1.5  # both processes are up and waiting before the first write
+    path, count = tmp_path / "shared.db", 1000
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(count), str(start)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(count)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env)
                for tag in ("one", "two")]
+    for writer in writers:
+        assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+    for writer in writers:  # the go to both before waiting for either
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
     outputs = [w.communicate(timeout=120) for w in writers]
     assert [w.returncode for w in writers] == [0, 0], outputs
     (a_start, a_end), (b_start, b_end) = [map(float, out.split()) for out, _ in outputs]
