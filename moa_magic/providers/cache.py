@@ -181,18 +181,33 @@ class RequestCache:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # answers can be private: the file (and WAL/SHM, which sqlite creates alike) is the user's
             os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                                 check_same_thread=False)
-            try:
-                db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                db.execute("PRAGMA journal_mode = WAL")
-                db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL stays safe
-                db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
-            except Exception:
-                db.close()
-                raise
-            self._db = db
+            give_up = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+            pause = 0.005
+            while self._db is None:
+                try:
+                    self._db = self._open(sqlite3)
+                except sqlite3.OperationalError as exc:
+                    # Switching a new file to WAL takes an exclusive lock, and sqlite answers "locked"
+                    # at once, without its busy handler, when another process is doing the same.
+                    if "locked" not in str(exc) or time.monotonic() > give_up:
+                        raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.2)
         return self._db
+
+    def _open(self, sqlite3):
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                             check_same_thread=False)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # WAL is kept in the file
+                db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL stays safe
+            db.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
+        except Exception:
+            db.close()
+            raise
+        return db
 
     def get(self, key: str) -> CachedReply | None:
         return _unwrap(self._run([("get", key)])[0])
