@@ -110,7 +110,11 @@ def main() -> int:
         config = Path(tmp) / "moa.toml"
         config.write_text(TOML.format(url=server.url))
         env = dict(os.environ, MOA_MAGIC_CONFIG=str(config), XDG_CACHE_HOME=tmp,
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                   PYTHONPYCACHEPREFIX=str(Path(tmp) / "pycache"))
+        # As on a user's machine, where pip compiled the package: modules load from bytecode (the
+        # warm-up run writes it, outside the tree), not from source on every start.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         one_command(server, env, args.layers, args.proposers)  # warm-up: the OS file cache
         rows = [one_command(server, env, args.layers, args.proposers) for _ in range(args.runs)]
         cells = [first_cell(server, env, args.layers, args.proposers) for _ in range(max(1, args.runs // 2))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
 from .version import __version__
 from .commands import SUBCOMMANDS
@@ -100,6 +101,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     return 2 if _save(args.save, result) is False else 0
+
+
+def entry() -> NoReturn:
+    """The `moa` command: `main`, then an exit that does not tear the interpreter down.
+
+    Freeing every module, aiohttp's and tiktoken's tables included, took 0.1-0.4 s after the answer
+    was printed: longer than a whole layer on a fast provider. Exit handlers (the embedded server's
+    shutdown, the run loop's) still run; what a run writes (cache, --save) is done before `main`
+    returns.
+    """
+    code = main()
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away, or a closed stream: nothing to add
+            pass
+    os._exit(code)
 
 
 def _save(path: str | None, result) -> bool | None:

@@ -4,6 +4,7 @@ token encoding, and still ends with exact figures (the meter settles them, accou
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +58,30 @@ def test_first_request_leaves_before_the_encodings_and_figures_end_exact(tmp_pat
     assert data["finished_totals"] == result["totals"]
     assert result["totals"]["input_tokens"] == sum(
         c["counted"]["prompt_tokens"] for c in [*result["layers"][0], agg])
+
+
+# The `moa` command's exit skips tearing the interpreter down (cli.entry): what it printed, what
+# other code asked to run at exit and what the run wrote to the cache must all still be there.
+EXIT_SCRIPT = """
+import atexit, sys
+atexit.register(lambda: print("exit handler ran", file=sys.stderr))
+sys.argv = ["moa", "--preset", "fake", "--temperature", "0", "--quiet", "--json", "Say it long."]
+from moa_magic.cli import entry
+entry()
+"""
+
+
+def test_the_fast_exit_keeps_output_exit_handlers_and_the_cache(moa_config, chat_server):
+    from chat_server import Reply
+    from moa_magic.providers.cache import default_path, open_cache
+
+    answer = "".join(f"line {n} of a long final answer\n" for n in range(20_000))  # ~600 kB
+    chat_server.default_reply = Reply(text=lambda body: answer if body["model"] == "agg" else "short")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a pipe buffers, as for users
+    done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith("}\n")  # print's last write stays in the pipe's buffer until a flush
+    assert json.loads(done.stdout)["aggregator"]["text"] == answer
+    assert done.stderr.strip().splitlines()[-1] == "exit handler ran"
+    assert open_cache(default_path(), max_mb=256).info().entries == len(chat_server.chat_requests)
