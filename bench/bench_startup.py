@@ -5,7 +5,8 @@
 Runs `python -m moa_magic` as a fresh process (as a user's shell would) with every call answered
 after `--delay` seconds, and prints, best and median of `--runs`:
 
-- process start -> first request at the server (goal <= 150 ms): everything before the network;
+- process start -> first request at the server (goal <= 150 ms): everything before the network,
+  beside the floor measured in the same run: a fresh interpreter that only imports aiohttp;
 - last byte the server sent -> process exit: what lingers after the answer;
 - command wall / critical path (goal <= 1.10), the critical path being the sum over layers of
   the slowest call as the server saw it (its first request in, its last byte out).
@@ -93,6 +94,15 @@ def first_cell(server: ChatServer, env: dict, layers: int, proposers: int) -> tu
     return first - cell, (end - cell) / critical_path(requests, layers, proposers)
 
 
+def aiohttp_floor(env: dict) -> float:
+    """A fresh interpreter that only imports aiohttp: the least any aiohttp client takes to its
+    first request (aiohttp builds its TLS contexts at import, reading the CA bundle twice)."""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", "import time, aiohttp; print(time.monotonic())"],
+                          env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout) - started
+
+
 REPLY = Reply()
 
 
@@ -116,7 +126,10 @@ def main() -> int:
         # warm-up run writes it, outside the tree), not from source on every start.
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         one_command(server, env, args.layers, args.proposers)  # warm-up: the OS file cache
-        rows = [one_command(server, env, args.layers, args.proposers) for _ in range(args.runs)]
+        rows, floors = [], []
+        for _ in range(args.runs):  # interleaved, so both see the same machine
+            rows.append(one_command(server, env, args.layers, args.proposers))
+            floors.append(aiohttp_floor(env))
         cells = [first_cell(server, env, args.layers, args.proposers) for _ in range(max(1, args.runs // 2))]
 
     print(f"`moa` as a fresh process: {args.layers} layers × {args.proposers} proposers, "
@@ -126,6 +139,9 @@ def main() -> int:
         values = [r[index] * 1000 for r in rows]
         print(f"  {label:24} best {min(values):6.1f} ms · median {statistics.median(values):6.1f} ms"
               + (f" ({goal})" if goal else ""))
+    print(f"  {'python + import aiohttp':24} best {min(floors) * 1000:6.1f} ms · median "
+          f"{statistics.median(floors) * 1000:6.1f} ms (the floor: start -> first request / floor, "
+          f"median {statistics.median(r[0] for r in rows) / statistics.median(floors):.2f})")
     ratios = [r[2] for r in rows]
     print(f"  {'command wall / critical':24} best {min(ratios):6.3f}    · median "
           f"{statistics.median(ratios):6.3f}    (goal <= 1.10)")
