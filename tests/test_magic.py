@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -98,18 +99,31 @@ def test_load_unload_reload(config, chat_server):
     ip.user_ns.pop("_moa", None)
 
 
-def test_load_ext_imports_nothing_heavy():
+def test_load_ext_returns_at_once_and_loads_the_first_run_beside():
+    # which thread imported each heavy module: none may be the one `%load_ext` runs on
     code = (
-        "import sys\n"
+        "import json, sys, threading, time\n"
+        "heavy = {'aiohttp', 'moa_magic.core.engine', 'moa_magic.core.runner',"
+        " 'moa_magic.render.static'}\n"
+        "where = {}\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in heavy:\n"
+        "            where.setdefault(name, threading.current_thread().name)\n"
+        "sys.meta_path.insert(0, Spy())\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
         "ip = InteractiveShell.instance()\n"
         "ip.run_line_magic('load_ext', 'moa_magic')\n"
-        "heavy = ['aiohttp', 'ipywidgets', 'markdown_it', 'tiktoken', 'moa_magic.core.engine',"
-        " 'moa_magic.core.runner', 'genai_prices']\n"
-        "print([m for m in heavy if m in sys.modules])\n"
+        "deadline = time.monotonic() + 60\n"
+        "while set(where) != heavy and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        "print(json.dumps(where))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    where = json.loads(out.stdout)
+    assert set(where) == {"aiohttp", "moa_magic.core.engine", "moa_magic.core.runner",
+                          "moa_magic.render.static"}, out.stderr
+    assert "MainThread" not in where.values(), where
 
 
 def test_cell_help_comes_from_magic_arguments(shell):
