@@ -158,7 +158,7 @@ def staircase_markdown(result: MoaResult) -> str:
     for step in steps:
         seen = {s.label: s.text() for s in step.seen}
         cells = [str(step.number), step.span(), *(seen.get(label, "–") for label in labels),
-                 step.references(), step.text or step.outcome()]
+                 step.references(), step.text or f"(nothing: {step.outcome()})"]
         rows.append("| " + " | ".join(md_inline(cell) for cell in cells) + " |")
     return "\n".join(rows) + "\n"
 
@@ -229,7 +229,7 @@ def marked_answer_html(result: MoaResult) -> str | None:
     """The final answer rendered with its steps' numbers where they began; None if nothing to mark."""
     from .sanitize import render
 
-    steps = [s for s in steps_of(result) if s.start > 0 and s.end > s.start and s.number < _MAX_MARKS]
+    steps = [s for s in steps_of(result) if s.end > s.start and s.number < _MAX_MARKS]
     if not result.ok or not steps:
         return None
     text = _PRIVATE.sub("\ufffd", result.final)
@@ -239,7 +239,7 @@ def marked_answer_html(result: MoaResult) -> str | None:
         at = step.start
         while at > 0 and text[at - 1].isspace():  # a mark at a line's start would change its block
             at -= 1
-        if at > 0:
+        if at > 0 or step.start == 0:  # the first step's mark opens the answer
             places[chr(_FIRST_MARK + step.number)] = (at, step)
 
     def rendered(marks) -> str | None:
