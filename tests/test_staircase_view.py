@@ -237,3 +237,33 @@ def test_progress_and_answer_on_one_screen_keep_their_own_lines(stairs):
     assert all(line.startswith("  ⋯ ") for line in lines if "⋯ aggregator" in line)
     answer = [line for line in lines if line and not line.startswith(("  ", "moa · ", "total: "))]
     assert "".join(answer) == ANSWER
+
+
+def test_a_doctored_saved_staircase_renders_inert_or_is_refused(stairs, tmp_path):
+    """A saved file is untrusted: a step naming no proposer of the run is not drawn, a count that
+    is not one is a one-line refusal."""
+    import json
+
+    from moa_magic.errors import MoaUserError
+
+    result = moa_magic.run("Q", preset="stair", staircase=True, staircase_chunk=12)
+    result.save(tmp_path / "run.json")
+    data = json.loads((tmp_path / "run.json").read_text("utf-8"))
+    hostile = "<img src=x onerror=alert(1)>\x1b[31m"
+    data["aggregator"]["staircase"][1]["saw"] = {hostile: 7, "L1.1": 0}
+    (tmp_path / "run.json").write_text(json.dumps(data), "utf-8")
+    saved = moa_magic.load(tmp_path / "run.json")
+    page = result_html(saved)
+    assert_inert_html(page)
+    assert "onerror" not in page and 'title="step 2 (' in page and "saw L1.1 0/40 (0%) chars;" in page
+    assert_inert_markdown(result_markdown(saved))
+    assert "\x1b" not in result_text_with_proposers(saved)
+    progress = io.StringIO()
+    moa_magic.replay(saved, speed=50, listeners=[TerminalRenderer(progress, io.StringIO())])
+    assert "⋯ aggregator staircase step 2 · saw <img src=x onerror=alert(1)> 7 · L1.1 0 chars" in (
+        progress.getvalue())  # plain text on a terminal, its escape sequence gone
+
+    data["aggregator"]["staircase"][1]["chars"] = "x"
+    (tmp_path / "run.json").write_text(json.dumps(data), "utf-8")
+    with pytest.raises(MoaUserError, match=r"character count is 'x', not a whole number"):
+        moa_magic.load(tmp_path / "run.json")

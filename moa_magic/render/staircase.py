@@ -71,7 +71,15 @@ class Step:
             self.finish_reason or "", f"ended ({self.finish_reason})")
 
     def references(self) -> str:
-        return "proposers all ended" if self.proposers_done else "proposers still streaming"
+        return _references(self.proposers_done)
+
+
+def _references(done: bool) -> str:
+    return "proposers all ended" if done else "proposers still streaming"
+
+
+def _saw(raw: dict) -> dict[str, int]:
+    return raw.get("saw") or {}
 
 
 def steps_of(result: MoaResult) -> list[Step]:
@@ -80,19 +88,20 @@ def steps_of(result: MoaResult) -> list[Step]:
     answer = record.text
     totals = {r.label: len(r.text) for r in result.layers[-1]} if result.layers else {}
     steps, start = [], 0
-    for raw in record.steps:
+    for number, raw in enumerate(record.steps, start=1):
         came_back = "chars" in raw
-        end = min(start + int(raw.get("chars") or 0), len(answer)) if came_back else len(answer)
-        seen = tuple(Seen(label, int(chars), totals.get(label, int(chars)))
-                     for label, chars in (raw.get("saw") or {}).items())
-        steps.append(Step(int(raw.get("step", len(steps) + 1)), start, end, answer[start:end], seen,
-                          bool(raw.get("proposers_done")), raw.get("finish_reason"), came_back))
+        end = min(start + raw["chars"], len(answer)) if came_back else len(answer)
+        # only the last layer's proposers are references (a doctored file may name others)
+        seen = tuple(Seen(label, chars, totals[label]) for label, chars in _saw(raw).items()
+                     if label in totals)
+        steps.append(Step(number, start, end, answer[start:end], seen, bool(raw.get("proposers_done")),
+                          raw.get("finish_reason"), came_back))
         start = end
     return steps
 
 
 def _saw_chars(raw: dict) -> str:
-    return " · ".join(f"{label} {chars}" for label, chars in (raw.get("saw") or {}).items())
+    return " · ".join(f"{label} {chars}" for label, chars in _saw(raw).items())
 
 
 def live_note(record: CallRecord) -> str | None:
@@ -103,14 +112,15 @@ def live_note(record: CallRecord) -> str | None:
     raw = record.steps[-1]
     state = ("every proposer had ended" if raw.get("proposers_done")
              else "they are still streaming: partial references")
-    return (f"staircase step {raw.get('step', len(record.steps))} · writing with {_saw_chars(raw)} "
-            f"chars of the proposers' text ({state})")
+    return (f"staircase step {len(record.steps)} · writing with {_saw_chars(raw)} chars of the "
+            f"proposers' text ({state})")
 
 
-def step_line(raw: dict) -> str:
-    """A step as one progress line (the terminal, as the step goes out)."""
-    state = "proposers all ended" if raw.get("proposers_done") else "proposers still streaming"
-    return f"staircase step {raw.get('step')} · saw {_saw_chars(raw)} chars · {state}"
+def step_line(record: CallRecord) -> str:
+    """The step just sent as one progress line (the terminal)."""
+    raw = record.steps[-1]
+    return (f"staircase step {len(record.steps)} · saw {_saw_chars(raw)} chars · "
+            f"{_references(bool(raw.get('proposers_done')))}")
 
 
 def headline(steps: list[Step]) -> str:

@@ -87,8 +87,8 @@ class TerminalRenderer:
         elif isinstance(event, CallStarted):
             rec = event.record
             if rec.role == "aggregator":
-                stair = f" · {step_line(rec.steps[-1])}" if rec.steps else ""
-                self._line(f"  … aggregator {rec.model}{stair}")
+                stair = f" · {step_line(rec)}" if rec.steps else ""
+                self._line(f"  … aggregator {rec.model}{terminal_safe(stair)}")
             else:
                 self._line(f"  … {rec.label} {rec.model}")
         elif isinstance(event, TextDelta) and event.record.role == "aggregator":
@@ -104,7 +104,7 @@ class TerminalRenderer:
                     self._answer_midline = not text.endswith("\n")
                 self.answer.flush()
         elif isinstance(event, CallStep):
-            self._line(f"  ⋯ {event.record.label} {step_line(event.step)}")
+            self._line(f"  ⋯ {event.record.label} {terminal_safe(step_line(event.record))}")
         elif isinstance(event, CallRetrying):
             rec = event.record
             if rec.role == "aggregator" and self._answer_started:
