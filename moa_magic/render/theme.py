@@ -54,10 +54,11 @@ CSS = """<style>
 .moa-stair-live { font-size: var(--jp-ui-font-size1, 13px); color: var(--jp-warn-color1, #e65100);
   margin: 2px 0; }
 .moa-step-mark { display: inline-block; min-width: 1.2em; padding: 0 0.25em; margin: 0 0.15em;
-  border-radius: 0.6em; font: 600 0.68em/1.35 var(--jp-ui-font-family, system-ui, sans-serif);
+  border-radius: 0.6em; font: 600 0.72em/1.35 var(--jp-ui-font-family, system-ui, sans-serif);
   text-align: center; vertical-align: super; cursor: help;
   color: #fff; background: var(--jp-brand-color1, #1976d2); }
 .moa-step-mark.moa-stair-partial { background: var(--jp-warn-color1, #e65100); }
+.moa-stair-table .moa-step-mark { font-size: 0.9em; vertical-align: baseline; }
 .moa-stair-table { border-collapse: collapse; margin: 2px 0 6px; font-size: var(--jp-ui-font-size1, 13px); }
 .moa-stair-table th, .moa-stair-table td { padding: 3px 8px; text-align: left; vertical-align: top;
   font-weight: normal; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); }
