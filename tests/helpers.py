@@ -88,3 +88,49 @@ def venv_kernel() -> str:
 def dom_classes(widget) -> set[str]:
     """A widget's CSS classes (ipywidgets keeps them in the `_dom_classes` trait, no public getter)."""
     return set(widget._dom_classes)
+
+
+# --- staircase streaming (core/staircase.py): three proposers streaming STAIR_WORDS, one every
+# 50 ms, and an aggregator on a provider that continues an assistant prefix
+
+STAIR_PRESET = """\
+[presets.stair]
+layers = [["fake:a", "fake:b", "fake:c"]]
+aggregator = "fake:agg"
+max_tokens = 64
+"""
+STAIR_TOML = "\n".join([FAKE_PROVIDER + 'prefill = "trailing"\n', NO_RETRIES, STAIR_PRESET])
+STAIR_WORDS = [f" w{i}" for i in range(12)]
+
+
+def answer_so_far(body: dict) -> str:
+    """The assistant prefix a staircase step asks the server to continue ('' for the first step)."""
+    last = body["messages"][-1]
+    return last["content"] if last["role"] == "assistant" else ""
+
+
+def stair_aggregator(steps_before_stop: int):
+    """The aggregator writes ' s1', ' s2', ... (cut by its step's max_tokens), then ' end.', then
+    nothing more (as a model does whose answer is complete)."""
+    from chat_server import Reply
+
+    def reply(body: dict) -> Reply:
+        prefix = answer_so_far(body)
+        if prefix.endswith("end."):
+            return Reply(text="")
+        step = prefix.count(" s") + 1
+        if step <= steps_before_stop:
+            return Reply(text=f" s{step}", finish_reason="length")
+        return Reply(text=" end.")
+
+    return reply
+
+
+def stair_server(write_moa_toml, chat_server, aggregator):
+    """`chat_server` as the stair preset's proposers (STAIR_WORDS) and `aggregator`'s replies."""
+    from chat_server import Reply
+
+    write_moa_toml(STAIR_TOML)
+    chat_server.default_reply = Reply(chunks=STAIR_WORDS, chunk_delay=0.05)
+    chat_server.script(model="agg", reply=aggregator)
+    return chat_server

@@ -19,7 +19,9 @@ from moa_magic.notebook.magics import MoaMagics, interpolate
 from moa_magic.options import RUN_OPTIONS
 
 from chat_server import Reply, last_user_message
-from helpers import FAKE_PRESET, FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, dom_classes
+from helpers import (
+    FAKE_PRESET, FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, dom_classes, stair_aggregator, stair_server,
+)
 
 MAGIC_TOML = "\n".join([FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, FAKE_PRESET]) + """
 [presets.other]
@@ -408,6 +410,21 @@ def test_show_proposers_in_a_terminal(shell, config, chat_server):
     assert out.index("a says: Q") < out.index("── L1.2 fake:b") < out.index("b says: Q")
     assert out.index("c says: Q") < out.index("══ Answer ══") < out.index("agg says: Q")
     assert "══ Layer" not in run(shell, "%%moa --preset fake\nQ").stdout
+
+
+def test_staircase_in_a_terminal(shell, write_moa_toml, chat_server):
+    """--staircase with --show-proposers: the steps' lines on lines of their own, the answer, the
+    last layer (it ended while the answer was written), the staircase; `%moa last` shows it too."""
+    stair_server(write_moa_toml, chat_server, stair_aggregator(3))
+    out = run(shell, "%%moa --preset stair --staircase --staircase-chunk 4 --show-proposers\nQ").stdout
+    lines = out.splitlines()
+    assert [line for line in lines if "⋯ aggregator" in line][:2] == [
+        line for line in lines if line.startswith("  ⋯ aggregator staircase step ")][:2]
+    assert out.index("══ Answer ══") < out.index("══ Layer 1 ══") < out.index("── Staircase:")
+    assert "step 1 · chars 1–3 · saw L1.1 " in out and "│  s1" in out
+    last = run(shell, "%moa last").stdout
+    assert last.index("── Answer") < last.index(" s1 s2 s3 end.") < last.index("── Staircase:")
+    assert "step 4 · chars 10–14 · saw L1.1 " in last
 
 
 def test_moa_result_displays_with_its_reprs(shell, config, chat_server):

@@ -9,41 +9,15 @@ import pytest
 
 import moa_magic
 from chat_server import Reply
-from helpers import FAKE_PROVIDER, NO_RETRIES
+from helpers import (
+    FAKE_PROVIDER, NO_RETRIES, STAIR_PRESET, STAIR_WORDS, stair_aggregator, stair_server,
+)
 from moa_magic.errors import MoaUserError
-
-STAIR = """\
-[presets.stair]
-layers = [["fake:a", "fake:b", "fake:c"]]
-aggregator = "fake:agg"
-max_tokens = 64
-"""
-WORDS = [f" w{i}" for i in range(12)]
-
-
-def aggregator_reply(steps_before_stop: int):
-    """The aggregator writes ' s1', ' s2', ... (cut by its step's max_tokens), then ' end.', then
-    nothing more (as a model does whose answer is complete)."""
-
-    def reply(body: dict) -> Reply:
-        prefix = body["messages"][-1]["content"] if body["messages"][-1]["role"] == "assistant" else ""
-        if prefix.endswith("end."):
-            return Reply(text="")
-        step = prefix.count(" s") + 1
-        if step <= steps_before_stop:
-            return Reply(text=f" s{step}", finish_reason="length")
-        return Reply(text=" end.")
-
-    return reply
-
 
 @pytest.fixture
 def stair(write_moa_toml, chat_server):
     """Three proposers streaming 12 words, one every 50 ms; the aggregator continues prefixes."""
-    write_moa_toml("\n".join([FAKE_PROVIDER + 'prefill = "trailing"\n', NO_RETRIES, STAIR]))
-    chat_server.default_reply = Reply(chunks=WORDS, chunk_delay=0.05)
-    chat_server.script(model="agg", reply=aggregator_reply(3))
-    return chat_server
+    return stair_server(write_moa_toml, chat_server, stair_aggregator(3))
 
 
 def test_staircase_steps_see_more_and_continue_the_answer(stair, tmp_path):
@@ -82,7 +56,7 @@ def test_staircase_steps_see_more_and_continue_the_answer(stair, tmp_path):
 
 def test_staircase_waits_for_the_proposers_before_it_may_stop(stair):
     stair.clear_script()
-    stair.script(model="agg", reply=aggregator_reply(0))  # it stops at once, every step
+    stair.script(model="agg", reply=stair_aggregator(0))  # it stops at once, every step
     result = moa_magic.run("Explain", preset="stair", staircase=True)
     steps = stair.requests_for("agg")
     assert len(steps) == 2  # a first answer early, then one more step that saw everything
@@ -97,16 +71,16 @@ def test_vllm_and_mistral_continuation_bodies(write_moa_toml, chat_server):
         ("mistral", lambda b: b["messages"][-1].get("prefix") is True),
     ):
         chat_server.reset()
-        write_moa_toml("\n".join([FAKE_PROVIDER + f'prefill = "{kind}"\n', NO_RETRIES, STAIR]))
-        chat_server.default_reply = Reply(chunks=WORDS[:3], chunk_delay=0.02)
-        chat_server.script(model="agg", reply=aggregator_reply(1))
+        write_moa_toml("\n".join([FAKE_PROVIDER + f'prefill = "{kind}"\n', NO_RETRIES, STAIR_PRESET]))
+        chat_server.default_reply = Reply(chunks=STAIR_WORDS[:3], chunk_delay=0.02)
+        chat_server.script(model="agg", reply=stair_aggregator(1))
         assert moa_magic.run("q", preset="stair", staircase=True).ok
         later = chat_server.requests_for("agg")[1:]
         assert later and all(check(r["body"]) for r in later), kind
 
 
 def test_a_server_that_cannot_continue_is_refused_before_any_request(write_moa_toml, chat_server):
-    write_moa_toml("\n".join([FAKE_PROVIDER, NO_RETRIES, STAIR]))
+    write_moa_toml("\n".join([FAKE_PROVIDER, NO_RETRIES, STAIR_PRESET]))
     with pytest.raises(MoaUserError, match=r"--staircase needs an aggregator whose server continues"):
         moa_magic.run("q", preset="stair", staircase=True)
     done = subprocess.run([sys.executable, "-m", "moa_magic", "--preset", "stair", "--staircase", "q"],

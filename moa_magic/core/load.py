@@ -59,8 +59,25 @@ def _record(data: dict) -> CallRecord:
         ttft_s=data.get("ttft_s"), attempts=int(data.get("attempts") or 0),
         retries=[str(r) for r in data.get("retries") or []], cached=bool(data.get("cached")),
         original_cost_usd=data.get("original_cost_usd"), finish_reason=data.get("finish_reason"),
-        cut_by=data.get("cut_by"), steps=[dict(s) for s in data.get("staircase") or [] if isinstance(s, dict)],
+        cut_by=data.get("cut_by"), steps=[_step(s) for s in data.get("staircase") or []],
     )
+
+
+def _step(data: dict) -> dict:
+    """A staircase step (core/staircase.py) as the renderers read it: its counts whole numbers."""
+    step = {"step": int(data["step"]), "saw": {str(label): _count(chars) for label, chars in
+                                               dict(data.get("saw") or {}).items()},
+            "proposers_done": bool(data.get("proposers_done"))}
+    if "chars" in data:  # the step came back
+        reason = data.get("finish_reason")
+        step["chars"], step["finish_reason"] = _count(data["chars"]), None if reason is None else str(reason)
+    return step
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a staircase step's character count is {value!r}, not a whole number")
+    return value
 
 
 def _judgement(data: dict) -> Judgement:

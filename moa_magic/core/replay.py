@@ -18,7 +18,7 @@ from typing import Iterable
 
 from ..errors import MoaUserError
 from .events import (
-    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
+    CallFailed, CallFinished, CallRetrying, CallStarted, CallStep, Event, LayerFinished, Listener,
     RunFinished, RunStarted, TextDelta, emit,
 )
 from .result import CallRecord, MoaResult
@@ -27,7 +27,7 @@ from .saved import Timeline
 
 FINAL_FIELDS = ("status", "text", "error", "usage", "prompt_tokens", "completion_tokens", "cost_usd",
                 "price_source", "latency_s", "ttft_s", "attempts", "retries", "cached",
-                "original_cost_usd", "finish_reason")
+                "original_cost_usd", "finish_reason", "steps")
 
 
 def replay_label(saved: MoaResult, speed: float) -> str:
@@ -59,7 +59,7 @@ class Replay:
         self.timeline = saved.timeline or Timeline.estimated(saved)
         blank = {"status": "waiting", "text": "", "error": None, "usage": None, "completion_tokens": 0,
                  "cost_usd": None, "price_source": None, "latency_s": None, "ttft_s": None,
-                 "attempts": 0, "retries": [], "cached": False, "original_cost_usd": None}
+                 "attempts": 0, "retries": [], "cached": False, "original_cost_usd": None, "steps": []}
         self.result = copy.deepcopy(saved)
         self.result.timeline = None
         self.result.status, self.result.error = "running", None
@@ -90,13 +90,19 @@ class Replay:
             for when, attempt, reason, delay in times.retries:
                 at(when, lambda r=live, a=attempt, why=reason, d=delay: self._retry(r, a, why, d))
             offset, last = 0, times.start
+            later_steps = _step_starts(original)
             for when, chars in zip(times.chunk_at, times.chunk_chars):
+                while later_steps and later_steps[0][0] <= offset:  # the step that writes this piece
+                    _, step = later_steps.pop(0)
+                    at(times.start + when, lambda r=live, s=step: self._step(r, s))
                 piece = original.text[offset:offset + chars]
                 offset += chars
                 last = times.start + when
                 at(last, lambda o=original, r=live, p=piece: self._delta(o, r, p))
             # Times are kept in whole ms: a last chunk can round past the end it came just before.
             end = None if times.end is None else max(times.end, last)
+            for _, step in later_steps:  # steps that wrote nothing (it stopped, every proposer read)
+                at(end, lambda r=live, s=step: self._step(r, s))
             at(end, lambda o=original, r=live: self._end(o, r))
         records = [*self.result.layers, [self.result.aggregator]]
         for number, when in enumerate(self.timeline.layers, start=1):
@@ -132,7 +138,12 @@ class Replay:
     def _start(self, original: CallRecord, live: CallRecord) -> None:
         live.status, live.messages, live.prompt_tokens = "streaming", original.messages, original.prompt_tokens
         live.started_at = time.time()
+        live.steps = [dict(step) for step in original.steps[:1]]
         self.emit(CallStarted(live))
+
+    def _step(self, live: CallRecord, step: dict) -> None:
+        live.steps.append(dict(step))
+        self.emit(CallStep(live, live.steps[-1]))
 
     def _retry(self, live: CallRecord, attempt: int, reason: str, delay: float) -> None:
         live.text, live.completion_tokens, live.ttft_s = "", 0, None
@@ -170,6 +181,16 @@ class Replay:
                     setattr(live, name, copy.copy(getattr(original, name)))
         self.result.layer_seconds = list(self.saved.layer_seconds)
         self.result.status, self.result.error = self.saved.status, self.saved.error
+
+
+def _step_starts(record: CallRecord) -> list[tuple[int, dict]]:
+    """A staircase call's steps after the first (the first goes out with CallStarted), each with
+    where its text begins in the answer."""
+    starts, offset = [], 0
+    for step in record.steps:
+        starts.append((offset, step))
+        offset += int(step.get("chars") or 0)
+    return starts[1:]
 
 
 def start(saved: MoaResult | str | Path, listeners: Iterable[Listener] = (), speed: float = 1.0):

@@ -70,7 +70,10 @@ def call_figures(record: CallRecord, error: str | None = None, with_error: bool 
         parts.append(tokens(record))
     if record.status in (Status.DONE, Status.FAILED):
         parts.append(cost(record))
-    if record.attempts > 1:
+    steps = len(record.steps)  # a staircase aggregator sends one request per step: not retries
+    if steps:
+        parts.append(f"staircase: {steps} step{'s' * (steps != 1)}")
+    if record.attempts > max(steps, 1):
         parts.append(f"{record.attempts} attempts")
     error = error or record.error
     if error and with_error:

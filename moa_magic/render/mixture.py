@@ -14,6 +14,7 @@ from ..core.result import Status
 from .compare import agreement, mean_agreement, similarity, word_diff
 from .format import call_figures, shown_error
 from .parts import STATUS_MARK, call_body_html, esc, layer_title
+from .staircase import live_note
 
 if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
@@ -31,11 +32,14 @@ def card_head_html(record: CallRecord, note: str | None = None) -> str:
 
 
 def answer_head_html(record: CallRecord, note: str | None = None) -> str:
-    """The final answer's label, with the aggregator's figures in a quieter line beside it."""
+    """The final answer's label, with the aggregator's figures in a quieter line beside it (and,
+    while a staircase aggregator writes, a line with its step and what that step saw)."""
     figures = f"aggregator {record.model} · {call_figures(record, with_error=False)}"
     if note:
         figures += f" · {note}"
-    return f'<span class="moa-answer-label">Answer</span><span class="moa-figures">{esc(figures)}</span>'
+    head = f'<span class="moa-answer-label">Answer</span><span class="moa-figures">{esc(figures)}</span>'
+    stair = live_note(record) if record.status in Status.PENDING else None
+    return head + (f'<div class="moa-stair-live">{esc(stair)}</div>' if stair else "")
 
 
 def diff_html(old: str, new: str) -> str:

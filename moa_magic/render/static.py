@@ -16,6 +16,7 @@ from .format import call_summary, header_text, shown_error, totals_line
 from .parts import (
     STATUS_MARK, comparison_markdown, comparison_text, layer_title, md_inline, md_safe,
 )
+from .staircase import staircase_markdown, staircase_text
 from .terminal import proposer_block, terminal_safe
 from .view import finished_html
 
@@ -40,6 +41,7 @@ def result_text(result: MoaResult) -> str:
         lines += ["", terminal_safe(result.final)]
     else:
         lines.append(terminal_safe(f"{result.status}: {result.error or 'no final answer'}"))
+    lines += ["", terminal_safe(staircase_text(result))] if result.aggregator.steps else []
     lines += [terminal_safe(comparison_text(result))] if result.baselines else []  # see below
     return "\n".join(lines)
 
@@ -50,6 +52,7 @@ def result_markdown(result: MoaResult) -> str:
         out += ["**Answer**", "", md_safe(result.final), ""]
     else:
         out += [f"**{md_inline(result.status)}:** {md_inline(result.error or 'no final answer')}", ""]
+    out += [staircase_markdown(result)] if result.aggregator.steps else []
     for number, records in enumerate(result.layers, start=1):
         out.append(f"- {md_inline(layer_title(number, records))}")
         for r in records:
@@ -76,6 +79,7 @@ def result_text_with_proposers(result: MoaResult) -> str:
         lines.append(terminal_safe(result.final))
     else:
         lines.append(terminal_safe(f"{result.status}: {result.error or 'no final answer'}"))
+    lines += ["", terminal_safe(staircase_text(result))] if result.aggregator.steps else []
     lines.append(terminal_safe(totals_line(result)))
     lines += [terminal_safe(comparison_text(result))] if result.baselines else []
     return "\n".join(lines)

@@ -6,19 +6,21 @@ text is untrusted: escape sequences and control characters are removed before it
 
 from __future__ import annotations
 
+import os
 import re
 from typing import TextIO
 
 from typing import TYPE_CHECKING
 
 from ..core.events import (
-    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, RunFinished,
+    CallFailed, CallFinished, CallRetrying, CallStarted, CallStep, Event, LayerFinished, RunFinished,
     RunStarted, TextDelta,
 )
 from .format import call_summary, history_note, run_label, totals_line
+from .staircase import staircase_text, step_line
 
 if TYPE_CHECKING:
-    from ..core.result import CallRecord
+    from ..core.result import CallRecord, MoaResult
 
 # CSI/OSC/other ESC sequences, then every C0/C1 control except tab and newline.
 _ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
@@ -27,6 +29,17 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def terminal_safe(text: str) -> str:
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def one_screen(first: TextIO, second: TextIO) -> bool:
+    """Whether two streams show on the same screen: the same object, or one terminal."""
+    if first is second:
+        return True
+    try:
+        a, b = first.fileno(), second.fileno()
+        return os.isatty(a) and os.isatty(b) and os.path.samestat(os.fstat(a), os.fstat(b))
+    except (AttributeError, OSError, ValueError):  # not a file (StringIO, a pump)
+        return False
 
 
 def proposer_block(record: CallRecord, error: str | None = None) -> str:
@@ -45,21 +58,37 @@ class TerminalRenderer:
         self.progress = progress
         self.answer = answer
         self.proposers = proposers
+        self._result: MoaResult | None = None
         self._answer_started = False
+        self._answer_ended = False
+        self._answer_midline = False
+        self._one_screen = progress is not None and answer is not None and one_screen(progress, answer)
+        # a --staircase answer starts before its proposers end: their layer is printed after it
+        self._held_layers: list[str] = []
         self._reasons: dict[str, str] = {}  # error -> label of the first call that failed so
 
     def _line(self, text: str) -> None:
         if self.progress is not None:
+            # progress and answer on one screen (terminal IPython, a shell's stderr and stdout): a
+            # line while the answer streams (a staircase step, a proposer ending) gets its own line
+            if self._answer_midline and self._one_screen:
+                text, self._answer_midline = "\n" + text, False
             print(text, file=self.progress, flush=True)
+
+    def _release_layers(self) -> None:
+        if self._held_layers:
+            self.answer.write("".join(self._held_layers))
+            self._held_layers.clear()
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
-            r = event.result
+            r = self._result = event.result
             self._line(f"moa · {terminal_safe(run_label(r))} · {r.shape}{history_note(r)}")
         elif isinstance(event, CallStarted):
             rec = event.record
             if rec.role == "aggregator":
-                self._line(f"  … aggregator {rec.model}")
+                stair = f" · {step_line(rec)}" if rec.steps else ""
+                self._line(f"  … aggregator {rec.model}{terminal_safe(stair)}")
             else:
                 self._line(f"  … {rec.label} {rec.model}")
         elif isinstance(event, TextDelta) and event.record.role == "aggregator":
@@ -69,8 +98,13 @@ class TerminalRenderer:
                     self._line("")
                     if self.proposers:
                         self.answer.write("\n══ Answer ══\n")
-                self.answer.write(terminal_safe(event.text))
+                text = terminal_safe(event.text)
+                self.answer.write(text)
+                if text:
+                    self._answer_midline = not text.endswith("\n")
                 self.answer.flush()
+        elif isinstance(event, CallStep):
+            self._line(f"  ⋯ {event.record.label} {terminal_safe(step_line(event.record))}")
         elif isinstance(event, CallRetrying):
             rec = event.record
             if rec.role == "aggregator" and self._answer_started:
@@ -82,7 +116,11 @@ class TerminalRenderer:
         elif isinstance(event, (CallFinished, CallFailed)):
             rec = event.record
             if rec.role == "aggregator" and self._answer_started:
+                self._answer_ended, self._answer_midline = True, False
                 self.answer.write("\n")
+                self._release_layers()
+                if self.proposers and rec.steps and self._result is not None:
+                    self.answer.write(f"\n{terminal_safe(staircase_text(self._result))}\n")
                 self.answer.flush()
             mark = "✓" if rec.ok else "✗"
             error = rec.error
@@ -93,9 +131,16 @@ class TerminalRenderer:
         elif isinstance(event, LayerFinished) and self.proposers and self.answer is not None:
             if event.records and event.records[0].role != "aggregator":
                 blocks = "\n\n".join(proposer_block(r, r.error) for r in event.records)
-                self.answer.write(f"\n══ Layer {event.layer} ══\n{blocks}\n")
-                self.answer.flush()
+                layer = f"\n══ Layer {event.layer} ══\n{blocks}\n"
+                if self._answer_started and not self._answer_ended:
+                    self._held_layers.append(layer)
+                else:
+                    self.answer.write(layer)
+                    self.answer.flush()
         elif isinstance(event, RunFinished):
             r = event.result
+            if self._held_layers:  # the run stopped before the answer ended
+                self._release_layers()
+                self.answer.flush()
             # Why it failed is said once, by the front end's last line (the CLI, the magic).
             self._line(totals_line(r) + ("" if r.ok else f" · {r.status}"))

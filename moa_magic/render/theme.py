@@ -51,6 +51,26 @@ CSS = """<style>
 .moa-bar-label { flex: 0 0 16em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .moa-bar-track { flex: 0 1 240px; height: 8px; background: var(--jp-layout-color3, #bdbdbd); }
 .moa-bar-fill { height: 8px; background: var(--jp-brand-color1, #1976d2); }
+.moa-stair-live { font-size: var(--jp-ui-font-size1, 13px); color: var(--jp-warn-color1, #e65100);
+  margin: 2px 0; }
+.moa-step-mark { display: inline-block; min-width: 1.2em; padding: 0 0.25em; margin: 0 0.15em;
+  border-radius: 0.6em; font: 600 0.72em/1.35 var(--jp-ui-font-family, system-ui, sans-serif);
+  text-align: center; vertical-align: super; cursor: help;
+  color: #fff; background: var(--jp-brand-color1, #1976d2); }
+.moa-step-mark.moa-stair-partial { background: var(--jp-warn-color1, #e65100); }
+.moa-stair-table .moa-step-mark { font-size: 0.9em; vertical-align: baseline; }
+.moa-stair-table { border-collapse: collapse; margin: 2px 0 6px; font-size: var(--jp-ui-font-size1, 13px); }
+.moa-stair-table th, .moa-stair-table td { padding: 3px 8px; text-align: left; vertical-align: top;
+  font-weight: normal; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); }
+.moa-stair-table th { font-weight: 600; }
+.moa-stair-table tbody tr:nth-child(even) { background: rgba(127, 127, 127, 0.09); }
+.moa-stair-seen { display: flex; align-items: center; gap: 6px; white-space: nowrap; }
+.moa-stair-track { display: inline-block; width: 64px; height: 8px; background: var(--jp-layout-color3, #bdbdbd); }
+.moa-stair-fill { display: block; height: 8px; }
+.moa-stair-fill.moa-stair-whole { background: var(--jp-brand-color1, #1976d2); }
+.moa-stair-fill.moa-stair-partial { background: var(--jp-warn-color1, #e65100); }
+.moa-stair-chunk { white-space: pre-wrap; max-height: 6em; overflow: auto; min-width: 16em;
+  font-family: var(--jp-content-font-family, system-ui, sans-serif); }
 .moa-prompt pre { white-space: pre-wrap; max-height: 16em; overflow: auto;
   background: var(--jp-layout-color2, #eee); color: var(--jp-content-font-color1, #111); padding: 6px; }
 .moa-tree .jupyter-widget-Collapse-contents { padding: 4px 6px 6px; }

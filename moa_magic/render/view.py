@@ -1,7 +1,9 @@
 """The finished view of a run: one HTML block that holds everything, readable without widgets.
 
     header (normal size): preset · shape · status · elapsed · calls · tokens · cost
-    Answer (label, the aggregator's figures in a quiet line, the answer at body size or larger)
+    Answer (label, the aggregator's figures in a quiet line, the answer at body size or larger;
+      a --staircase run's answer has its steps' numbers where each began)
+    Staircase (a --staircase run: per step its part of the answer, what it saw of each proposer)
     baselines beside it, with the judge's verdicts, when the run had any (static.comparison_html)
     Layer 1 … (open <details>: a row of proposer cards, wrapping; the layer's agreement matrix)
     Layer 2 … (each card: what changed since the proposer's previous-layer answer, folded)
@@ -22,6 +24,7 @@ from ..accounting.totals import Totals
 from .format import header_prefix
 from .mixture import answer_head_html, closeness_html, layer_html, status_class
 from .parts import comparison_html, esc, final_body_html
+from .staircase import marked_answer_html, staircase_html
 from .theme import CSS
 from .timeline import timeline_svg
 
@@ -41,10 +44,11 @@ def head_html(result: MoaResult, elapsed_s: float | None = None, status: str | N
 
 
 def answer_html(result: MoaResult) -> str:
+    body = marked_answer_html(result) or final_body_html(result)
     return (
         f'<div class="moa-answer" data-status="{esc(result.status)}">'
         f'<div class="moa-answer-head">{answer_head_html(result.aggregator)}</div>'
-        f'<div class="moa-answer-body moa-final">{final_body_html(result)}</div></div>'
+        f'<div class="moa-answer-body moa-final">{body}</div></div>{staircase_html(result)}'
     )
 
 

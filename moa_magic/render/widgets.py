@@ -4,6 +4,7 @@
     ├── header (HTML, .moa-header .moa-head): preset · shape · status · elapsed · calls · tokens · cost
     ├── answer (VBox, .moa-answer .moa-final-section .moa-status-<status>)
     │   ├── HTML (.moa-answer-head): "Answer" and the aggregator's figures in a quiet line
+    │   │   (--staircase: and the step being written, with what it saw: .moa-stair-live)
     │   └── HTML (.moa-final .moa-answer-body): the aggregator's answer as Markdown → safe HTML
     ├── layer 1 (one-child Accordion, .moa-layer .moa-layer-1)
     │   └── Box (.moa-grid: cards side by side, wrapping)
@@ -46,7 +47,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..core.events import (
-    CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, RunFinished,
+    CallFailed, CallFinished, CallRetrying, CallStarted, CallStep, Event, LayerFinished, RunFinished,
     RunStarted, TextDelta,
 )
 from ..core.result import Status
@@ -246,6 +247,8 @@ class TreeRenderer:
                 self._push_node(node, now)
                 self._push_layers()
                 self._push_header(now)
+            elif isinstance(event, CallStep):  # the answer's head names the step and what it saw
+                self._push_node(self._node(event.record), now)
             elif isinstance(event, CallRetrying):
                 node = self._node(event.record)
                 node.shown_text = False  # the retry's first chunk shows at once too
