@@ -48,6 +48,9 @@ class Reply:
     chunks: list[str] | None = None
     delay: float = 0.0  # seconds before the response headers
     chunk_delay: float = 0.0  # seconds between content chunks
+    # Content chunk N waits until its event is set: a test paces the stream by what it has seen
+    # (a live view holding the first N chunks), not by a time window that load could outrun.
+    pause_before: dict[int, threading.Event] = field(default_factory=dict)
     status: int = 200
     # Body for status != 200: dict -> JSON; str -> sent verbatim; None -> OpenAI-style error JSON.
     error_body: Union[str, dict, None] = None
@@ -545,6 +548,8 @@ class ChatServer:
                 return resp
             if i and reply.chunk_delay:
                 await asyncio.sleep(reply.chunk_delay)
+            if i in reply.pause_before:
+                await self._paused(reply.pause_before[i])
             await keep_alive()
             await send(chunk({"content": piece}))
         n = len(chunks)
@@ -576,6 +581,12 @@ class ChatServer:
             await resp.write(piece)
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    async def _paused(release: threading.Event) -> None:
+        """Until another thread sets `release`; a disconnect or `stop()` cancels the wait."""
+        while not release.is_set():
+            await asyncio.sleep(0.01)
 
     async def _abort(self, request: web.Request) -> None:
         """Drop the connection mid-body: the client sees an incomplete chunked payload."""

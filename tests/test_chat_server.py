@@ -210,6 +210,31 @@ def test_delays_are_measurable(chat_server):
         assert r["t_end"] - r["t_start"] >= 0.29
 
 
+def test_a_paused_stream_holds_its_first_chunks_until_released(chat_server):
+    release = threading.Event()
+    chat_server.script(chunks=["one", " two", " three"], pause_before={2: release})
+    received: list[str] = []
+
+    async def read():
+        async with aiohttp.ClientSession() as session:
+            async with session.post(chat_server.url + "/chat/completions", json=body("a")) as resp:
+                async for line in resp.content:
+                    received.append(line.decode())
+
+    reader = threading.Thread(target=asyncio.run, args=(read(),))
+    reader.start()
+    deadline = time.monotonic() + 10
+    while content("".join(received)) != "one two" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert content("".join(received)) == "one two"
+    [request] = chat_server.requests
+    assert request["t_end"] is None and chat_server.in_flight == 1  # held, not ended
+    release.set()
+    reader.join(10)
+    assert content("".join(received)) == "one two three"
+    assert events("".join(received))[-1] == "[DONE]"
+
+
 def test_max_in_flight(chat_server):
     chat_server.script(delay=0.3)
 

@@ -4,7 +4,9 @@ The lab runs on loopback with MOA_MAGIC_CONFIG pointing at a moa.toml for a Chat
 process (the kernel inherits the lab's environment). Run All, then check what the page shows:
 
 - the live view of the first `%%moa` cell while it runs: the header, proposer cards side by side,
-  the answer streaming (several growing partial answers, not one jump at the end);
+  the answer streaming (several growing partial answers, not one jump at the end). The server
+  holds the answer's stream after a few words until the page has shown them, so the live phase
+  lasts as long as the test needs to see it, on a machine of any speed;
 - when it ends the same output holds the finished view, once: no widget, no second copy; the answer
   first, labelled, at the body font size or larger; one row of cards per layer (wrapping on a narrow
   window); what each layer-2 proposer changed (a word diff); agreement (a matrix) and the answer's
@@ -27,13 +29,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from chat_server import ChatServer, Reply, last_user_message
+from chat_server import ChatServer, Reply, last_user_message, split_words
 from lab import (
     SEL,
     VIEWPORT,
@@ -100,6 +103,10 @@ FINAL = (
 )
 FINAL_SHOWN = FINAL.replace("**", "")  # as rendered Markdown reads
 FINAL_CHUNK_DELAY = 0.04
+FINAL_CHUNKS = split_words(FINAL)
+# The answer's stream stops after this many words until the live view has shown them (all before
+# the first "**", which shows literally while it is unclosed).
+FINAL_PAUSES = (4, 9, 15)
 SHOT_VIEWPORT = {"width": 1100, "height": 2400}
 
 HOSTILE = (
@@ -117,13 +124,14 @@ def _is_sky(body: dict) -> bool:
     return "sky" in last_user_message(body).lower()
 
 
-def script_server(server: ChatServer) -> None:
+def script_server(server: ChatServer, pauses: dict[int, threading.Event]) -> None:
     for model in ("alpha", "beta", "gamma"):
         server.script(
             model=model, match=_is_sky,
             reply=lambda body, m=model: Reply(text=SKY[(m, _layer(body))], chunk_delay=0.03, usage=None),
         )
-    server.script(model="omega", match=_is_sky, reply=Reply(text=FINAL, chunk_delay=FINAL_CHUNK_DELAY, usage=None))
+    server.script(model="omega", match=_is_sky, reply=Reply(
+        chunks=FINAL_CHUNKS, chunk_delay=FINAL_CHUNK_DELAY, usage=None, pause_before=pauses))
     server.script(model="l1", reply=Reply(text=HOSTILE, chunk_delay=0.005))
     server.script(model="lagg", reply=Reply(text=HOSTILE, chunk_delay=0.005))
 
@@ -237,7 +245,8 @@ def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium
     shutil.copy(QUICKSTART, lab_root / NB)
     t0 = time.monotonic()
     server = chat_server
-    script_server(server)
+    pauses = {n: threading.Event() for n in FINAL_PAUSES}
+    script_server(server, pauses)
     config = lab_root / "moa.toml"
     config.write_text(TOML.format(url=server.url), "utf-8")
     with running_lab(lab_root, env={"MOA_MAGIC_CONFIG": str(config)}) as lab:
@@ -248,24 +257,34 @@ def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium
         run_all_cells(page)
         partials: list[str] = []
         live_cards = 0
-        seen_busy = False
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            st = page.evaluate(_JS_CELL, cells["sky"])
-            if st and "[*]" in st["prompt"]:
-                seen_busy = True
-                live_cards = max(live_cards, st["cards"] if st["live"] else 0)
-                fin = st["final"] or ""
-                if (fin and not fin.endswith("…") and len(fin) < len(FINAL_SHOWN)
-                        and (not partials or partials[-1] != fin)):
-                    partials.append(fin)
-                    if len(partials) == 8:  # what a user sees mid-stream
-                        cell_outputs(page, cells["sky"]).scroll_into_view_if_needed()
-                        screenshot(page, artifacts_dir / "00-live-streaming.png", full_page=False)
-            elif seen_busy:
-                break
-            page.wait_for_timeout(30)
-        assert seen_busy, "the sky cell never showed [*]"
+
+        def watch(until, failure: str) -> dict:
+            """Poll the sky cell until `until(state)`, noting live cards and partial answers."""
+            nonlocal live_cards
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                st = page.evaluate(_JS_CELL, cells["sky"])
+                if st and "[*]" in st["prompt"]:
+                    live_cards = max(live_cards, st["cards"] if st["live"] else 0)
+                    fin = st["final"] or ""
+                    if (fin and not fin.endswith("…") and len(fin) < len(FINAL_SHOWN)
+                            and (not partials or partials[-1] != fin)):
+                        partials.append(fin)
+                if until(st):
+                    return st
+                page.wait_for_timeout(30)
+            raise AssertionError(f"{failure}; the cell last showed {st}")
+
+        for number, (words, release) in enumerate(pauses.items()):
+            held = _norm("".join(FINAL_CHUNKS[:words]))
+            st = watch(lambda st: st and st["final"] == held,
+                       f"the live view never showed the answer's first {words} words (all it had)")
+            assert "[*]" in st["prompt"] and st["live"], st
+            if number == 1:  # what a user sees mid-stream
+                cell_outputs(page, cells["sky"]).scroll_into_view_if_needed()
+                screenshot(page, artifacts_dir / "00-live-streaming.png", full_page=False)
+            release.set()
+        watch(lambda st: st and "[*]" not in st["prompt"], "the sky cell did not finish")
         t_cell = time.monotonic() - t0 - t_open
         wait_idle(page, timeout=180)
         t_run = time.monotonic() - t0 - t_open
