@@ -122,6 +122,33 @@ def test_a_cancelled_run_is_recorded_and_priced_for_what_it_streamed(chat_server
     assert summary.cost_complete
 
 
+def test_a_cancel_racing_the_start_of_the_run_records_it_once(chat_server, moa_config):
+    """Ctrl-C after the worker loop created the run's task but before the task's first step."""
+    from moa_magic.core import runner
+
+    plan, cfg = runner.prepare("cancel me as I start", preset="fake")
+    loop = runner.worker.loop()
+    submitted, holding, go = threading.Event(), threading.Event(), threading.Event()
+    loop.call_soon_threadsafe(submitted.wait, 10)  # the loop creates the task after this ...
+    engine, future, finished = runner.start(plan, cfg, "cancel me as I start")
+    loop.call_soon_threadsafe(lambda: (holding.set(), go.wait(10)))  # ... and steps it after this
+    submitted.set()
+    assert holding.wait(10)
+    future.cancel()
+    go.set()
+    assert finished.wait(10)
+    asyncio.run_coroutine_threadsafe(_every_other_task_ended(), loop).result(30)
+    assert engine.result.status == "cancelled"
+    assert {r.status for r in engine.result.calls()} == {"cancelled"}
+    summary = usage.session_summary()
+    assert (summary.runs, summary.cancelled) == (1, 1)
+
+
+async def _every_other_task_ended():
+    current = asyncio.current_task()
+    await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current), return_exceptions=True)
+
+
 def test_reset_forgets_everything(chat_server, moa_config):
     moa_magic.run("x", preset="fake")
     assert usage.session_summary().runs == 1

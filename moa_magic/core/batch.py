@@ -18,7 +18,6 @@ not started are `not run`). An interrupt cancels every request within a second; 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
@@ -291,28 +290,15 @@ class BatchRun:
 def start(run: BatchRun):
     """Submit the batch to the worker loop: (future, finished)."""
     global _last_batch
-    from .runner import worker
+    from .runner import submit_run
 
     _last_batch = run.result
-    started, finished = threading.Event(), threading.Event()
 
-    async def guarded():
-        started.set()
-        try:
-            return await run.run()
-        finally:
-            finished.set()
+    def never_ran() -> None:
+        run.result.status, run.result.error = Status.CANCELLED, "interrupted"
+        run._end()
 
-    def cancelled_before_start(future) -> None:
-        # Ctrl-C right after submit: the task never ran, so nothing else marks the batch.
-        if future.cancelled() and not started.is_set():
-            run.result.status, run.result.error = Status.CANCELLED, "interrupted"
-            run._end()
-            finished.set()
-
-    future = worker.submit(guarded())
-    future.add_done_callback(cancelled_before_start)
-    return future, finished
+    return submit_run(run.run, never_ran)
 
 
 def batch(prompts, *, template: str | None = None, progress: Callable[[BatchProgress], None] | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import threading
 import time
 from pathlib import Path
 from typing import Iterable
@@ -195,19 +194,10 @@ def _step_starts(record: CallRecord) -> list[tuple[int, dict]]:
 
 def start(saved: MoaResult | str | Path, listeners: Iterable[Listener] = (), speed: float = 1.0):
     """Start a replay on the worker loop: (replay, future, finished), as `runner.start` does."""
-    from .runner import worker
+    from .runner import submit_run
 
     replay = Replay(saved if isinstance(saved, MoaResult) else load(saved), listeners, speed)
-    finished = threading.Event()
-
-    async def guarded():
-        try:
-            return await replay.run()
-        finally:
-            finished.set()
-
-    future = worker.submit(guarded())
-    return replay, future, finished
+    return (replay, *submit_run(replay.run))
 
 
 def replay(saved: MoaResult | str | Path, *, speed: float = 1.0,

@@ -13,7 +13,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import threading
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 from ..config import Config, load_config
 from ..errors import MoaUserError, RunFailed
@@ -70,6 +70,33 @@ class _WorkerLoop:
 
 
 worker = _WorkerLoop()
+
+
+def submit_run(body: Callable[[], Awaitable], never_ran: Callable[[], None] = lambda: None):
+    """Run `body()` on the worker loop: (future, finished), `finished` set once the run has ended.
+
+    A cancel before `body` starts (Ctrl-C right after submit) calls `never_ran` instead, on the
+    cancelling thread. Which of the two happens is claimed under one lock: the cancel can race the
+    loop starting the task, and must neither let an unmarked run go on nor record a run twice.
+    """
+    claimed, finished = threading.Lock(), threading.Event()
+
+    async def guarded():
+        if not claimed.acquire(blocking=False):
+            raise asyncio.CancelledError  # cancelled first: `never_ran` marked it
+        try:
+            return await body()
+        finally:
+            finished.set()
+
+    def cancelled_before_start(future: concurrent.futures.Future) -> None:
+        if future.cancelled() and claimed.acquire(blocking=False):
+            never_ran()
+            finished.set()
+
+    future = worker.submit(guarded())
+    future.add_done_callback(cancelled_before_start)
+    return future, finished
 
 
 def warm_up() -> None:
@@ -168,27 +195,20 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
 
         engine.result.history_tokens = count_history(plan.aggregator.model, history)
     _last_result = engine.result
-    started, finished = threading.Event(), threading.Event()
 
-    async def guarded():
-        started.set()
+    async def run_and_record():
         try:
             return await engine.run()
         finally:
             record_usage(engine.result)
-            finished.set()
 
-    def cancelled_before_start(future: concurrent.futures.Future) -> None:
-        # Ctrl-C right after submit: the task never ran, so nothing else marks the result.
-        if future.cancelled() and not started.is_set():
-            engine.result.status, engine.result.error = Status.CANCELLED, "interrupted"
-            for record in engine.result.calls():
-                record.status = Status.CANCELLED
-            record_usage(engine.result)
-            finished.set()
+    def never_ran() -> None:
+        engine.result.status, engine.result.error = Status.CANCELLED, "interrupted"
+        for record in engine.result.calls():
+            record.status = Status.CANCELLED
+        record_usage(engine.result)
 
-    future = worker.submit(guarded())
-    future.add_done_callback(cancelled_before_start)
+    future, finished = submit_run(run_and_record, never_ran)
     return engine, future, finished
 
 
