@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # `from chat_server import …`, `from helpers import …`
 
 from chat_server import ChatServer, Reply  # noqa: E402
-from helpers import MOA_TOML  # noqa: E402
+from helpers import MOA_TOML, wait_for_runs_to_end  # noqa: E402
 
 __all__ = ["ChatServer", "Reply"]
 
@@ -31,6 +31,15 @@ def _private_cache(tmp_path_factory, monkeypatch):
     """Every test gets an empty request cache of its own (also its subprocesses and kernels), never
     the user's: platformdirs puts the cache under $XDG_CACHE_HOME."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A test's runs end before the next test starts (after this test's servers stopped): one
+    still winding down after a Ctrl-C would otherwise record itself in the next test's session
+    ledger, or be its `last_result()`."""
+    yield
+    wait_for_runs_to_end()
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Plumbing shared by the test modules: the fake providers' moa.toml blocks, hostile model text and
-its checks, the kernel to run notebooks in, a widget's CSS classes.
+its checks, the kernel to run notebooks in, a widget's CSS classes, waiting for runs to end.
 
 A plain module, not a conftest (tests/browser has a conftest of its own, and two conftests clash on
 import); `tests/conftest.py` puts this directory on `sys.path`. In the TOML blocks `{url}` is the
@@ -8,6 +8,7 @@ ChatServer's base URL (filled in by the `write_moa_toml` fixture).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sys
 
@@ -134,3 +135,25 @@ def stair_server(write_moa_toml, chat_server, aggregator):
     chat_server.default_reply = Reply(chunks=STAIR_WORDS, chunk_delay=0.05)
     chat_server.script(model="agg", reply=aggregator)
     return chat_server
+
+
+def wait_for_runs_to_end(timeout: float = 60.0) -> None:
+    """Until every task on moa_magic's worker loop has ended: every run started so far has wound
+    down and recorded itself in the session ledger. A Ctrl-C hands the engine only
+    `runner.CANCEL_GRACE_S` before the caller goes on, so on a slow machine a cancelled run can
+    still be winding down. `timeout` bounds a hang: a run that never ends is a bug."""
+    runner = sys.modules.get("moa_magic.core.runner")
+    if runner is None or not runner.worker.started:
+        return
+
+    async def others_ended() -> None:
+        current = asyncio.current_task()
+        await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current),
+                             return_exceptions=True)
+
+    ended = asyncio.run_coroutine_threadsafe(others_ended(), runner.worker.loop())
+    try:
+        ended.result(timeout)
+    except TimeoutError:
+        ended.cancel()
+        raise AssertionError(f"a run on the worker loop did not end within {timeout:g} s") from None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import pytest
 
@@ -13,7 +12,7 @@ import moa_magic
 from chat_server import Reply
 from moa_magic.accounting import usage
 from moa_magic.errors import RunFailed
-from helpers import MOA_TOML, prices_toml
+from helpers import MOA_TOML, prices_toml, wait_for_runs_to_end
 
 PRICES = prices_toml(a=(1, 2), b=(1, 2), agg=(3, 4)) + """
 [providers.remote]
@@ -32,15 +31,6 @@ def _fresh_ledger():
 def priced_config(write_moa_toml):
     """fake:a and fake:b at $1/M in, $2/M out; fake:agg at $3/$4; fake:c stays local ($0)."""
     return write_moa_toml(MOA_TOML + PRICES, "priced.toml")
-
-
-def wait_for_runs(n: int, timeout: float = 3.0) -> usage.SessionUsage:
-    deadline = time.monotonic() + timeout
-    while True:
-        summary = usage.session_summary()
-        if summary.runs >= n or time.monotonic() > deadline:
-            return summary
-        time.sleep(0.02)
 
 
 def test_two_runs_and_a_failed_one_add_up(chat_server, priced_config):
@@ -107,7 +97,8 @@ def test_a_cancelled_run_is_recorded_and_priced_for_what_it_streamed(chat_server
             await task
 
     asyncio.run(cancel_soon())
-    summary = wait_for_runs(1)
+    wait_for_runs_to_end()  # the cancelled run may still be winding down
+    summary = usage.session_summary()
     result = moa_magic.last_result()
     assert result.status == "cancelled"
     assert (summary.runs, summary.cancelled) == (1, 1)
@@ -137,16 +128,11 @@ def test_a_cancel_racing_the_start_of_the_run_records_it_once(chat_server, moa_c
     future.cancel()
     go.set()
     assert finished.wait(10)
-    asyncio.run_coroutine_threadsafe(_every_other_task_ended(), loop).result(30)
+    wait_for_runs_to_end()
     assert engine.result.status == "cancelled"
     assert {r.status for r in engine.result.calls()} == {"cancelled"}
     summary = usage.session_summary()
     assert (summary.runs, summary.cancelled) == (1, 1)
-
-
-async def _every_other_task_ended():
-    current = asyncio.current_task()
-    await asyncio.gather(*(t for t in asyncio.all_tasks() if t is not current), return_exceptions=True)
 
 
 def test_reset_forgets_everything(chat_server, moa_config):
@@ -257,7 +243,7 @@ def test_concurrent_real_runs_are_all_recorded(chat_server, moa_config):
         t.start()
     for t in threads:
         t.join()
-    summary = wait_for_runs(4)
+    summary = usage.session_summary()
     assert summary.runs == summary.done == 4
     assert summary.calls == 16
     assert summary.input_tokens == sum(r.totals()["input_tokens"] for r in results)
