@@ -25,6 +25,7 @@ from moa_magic.providers import client, http
 from moa_magic.config import RunSettings
 from moa_magic.errors import MoaUserError, RunFailed
 from moa_magic.core.events import CallRetrying, TextDelta
+from chat_server import Reply
 
 FAST = {
     "retries": 2,
@@ -443,16 +444,25 @@ def test_settings_max_concurrency_caps_all_providers(chat_server, configure):
 
 def test_a_busy_provider_does_not_hold_overall_slots(chat_server, configure):
     configure(
-        f'[providers.lim]\nbase_url = "{chat_server.url}"\nmax_concurrency = 1\n', max_concurrency=2
+        f'[providers.lim]\nbase_url = "{chat_server.url}"\nmax_concurrency = 1\n', max_concurrency=2,
+        retries=0,
     )
-    chat_server.script(match=lambda b: b["model"] != "agg", delay=0.2)
-    # l1 queues on `lim` (1 at a time) without taking an overall slot, so f0 runs beside l0:
-    # two rounds of 0.2 s. Had l1 held an overall slot while it waited, it would take three.
+    # l1 queues on `lim` (1 at a time) without taking an overall slot, so f0 runs beside l0. The
+    # `lim` calls stream only once an f call has reached the server: had l1 held the other overall
+    # slot while it waited, f0 would wait for l0's end, and l0 would stall into its chunk_timeout.
+    f_arrived = threading.Event()
+
+    def f_reply(body: dict) -> Reply:
+        f_arrived.set()
+        return Reply()
+
+    chat_server.script(match=lambda b: b["model"].startswith("l"), reply=Reply(pause_before={0: f_arrived}))
+    chat_server.script(match=lambda b: b["model"].startswith("f"), reply=f_reply)
     result, _ = run(proposers=["lim:l0", "lim:l1", "fake:f0", "fake:f1"])
-    assert result.ok and chat_server.max_in_flight == 2
+    assert result.ok and all(r.ok for r in result.layers[0]), [r.error for r in result.layers[0]]
+    assert chat_server.max_in_flight == 2
     lim = [r for r in chat_server.chat_requests if r["body"]["model"].startswith("l")]
     assert _max_overlap(lim) == 1
-    assert result.layer_seconds[0] < 0.55
 
 
 # --------------------------------------------------------------------------------------------
