@@ -236,18 +236,26 @@ def test_a_paused_stream_holds_its_first_chunks_until_released(chat_server):
 
 
 def test_max_in_flight(chat_server):
-    chat_server.script(delay=0.3)
+    # every reply waits until all five requests are in: a server taking them one at a time would
+    # hold the first forever (until the client's timeout)
+    arrived, all_in = [], threading.Event()
+
+    def held(request_body: dict) -> Reply:
+        arrived.append(request_body)
+        if len(arrived) == 5:
+            all_in.set()
+        return Reply(pause_before={0: all_in})
+
+    chat_server.script(reply=held)
 
     async def many():
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             async def one(i):
                 async with session.post(chat_server.url + "/chat/completions", json=body(f"m{i}")) as r:
                     return content(await r.text())
             return await asyncio.gather(*(one(i) for i in range(5)))
 
-    t0 = time.monotonic()
     texts = asyncio.run(many())
-    assert time.monotonic() - t0 < 1.2
     assert texts == [f"m{i} says: what is two plus two" for i in range(5)]
     assert chat_server.max_in_flight == 5
     assert chat_server.in_flight == 0
