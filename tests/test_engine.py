@@ -411,7 +411,7 @@ def cancel_before_the_task_starts():
 
     plan, cfg = runner.prepare("never starts", preset="fake")
     blocker = threading.Event()
-    runner.worker.loop().call_soon_threadsafe(blocker.wait, 2)  # keep the loop busy for a moment
+    runner.worker.loop().call_soon_threadsafe(blocker.wait, 60)  # busy until the cancel below
     engine, future, finished = runner.start(plan, cfg, "never starts")
     future.cancel()
     blocker.set()
