@@ -366,6 +366,16 @@ class ChatServer:
                     raise TimeoutError(f"saw {len(chats)} chat requests, wanted {n}")
                 self._cond.wait(left)
 
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until no request is in flight (the server saw every connection end or close)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self._in_flight} requests still in flight after {timeout:g} s")
+                self._cond.wait(left)
+
     def _record(self, request: web.Request, body: Any) -> dict:
         entry = {
             "body": body,

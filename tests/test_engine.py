@@ -278,10 +278,7 @@ def test_cancelling_arun_cancels_the_requests(chat_server, moa_config):
     asyncio.run(cancel_soon())
     assert moa_magic.last_result().status == "cancelled"
     assert {r.status for r in moa_magic.last_result().layers[0]} == {"cancelled"}
-    deadline = time.monotonic() + 1.0
-    while chat_server.in_flight and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert chat_server.in_flight == 0  # the server saw every connection close
+    chat_server.wait_idle()  # the server saw every connection close
 
 
 def test_events_arrive_in_order_for_every_call(chat_server, moa_config):
@@ -317,10 +314,7 @@ def test_keyboard_interrupt_cancels_every_request_within_a_second(chat_server, m
     assert time.monotonic() - started < 0.4 + 1.0
     partial = moa_magic.last_result()
     assert partial.status == "cancelled" and partial.prompt == "interrupt me"
-    deadline = time.monotonic() + 1.0
-    while chat_server.in_flight and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert chat_server.in_flight == 0
+    chat_server.wait_idle()
     from moa_magic.core.runner import worker
 
     pending = asyncio.run_coroutine_threadsafe(_other_tasks(), worker.loop()).result(2)

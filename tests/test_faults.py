@@ -68,13 +68,6 @@ def record_of(result, model: str):
     return record
 
 
-def wait_idle(server, timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while server.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.in_flight == 0
-
-
 def closed_port() -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -326,7 +319,7 @@ def test_first_byte_timeout(chat_server, configure):
     )
     assert time.monotonic() - started < 2
     assert result.ok
-    wait_idle(chat_server)
+    chat_server.wait_idle()
 
 
 def test_a_hanging_server_times_out_and_the_connection_is_dropped(chat_server, configure):
@@ -334,7 +327,7 @@ def test_a_hanging_server_times_out_and_the_connection_is_dropped(chat_server, c
     chat_server.script(model="a", hang=True)
     result, _ = run()
     assert "first_byte_timeout" in record_of(result, "fake:a").error
-    wait_idle(chat_server)  # the server saw the client go away
+    chat_server.wait_idle()  # the server saw the client go away
 
 
 def test_chunk_gap_timeout(chat_server, configure):
@@ -346,7 +339,7 @@ def test_chunk_gap_timeout(chat_server, configure):
     assert a.error == "fake stream stalled: nothing for 0.3 s (chunk_timeout) (gave up after 2 attempts)"
     assert a.text == "slow"  # what the last attempt sent before it stalled
     assert time.monotonic() - started < 2
-    wait_idle(chat_server)
+    chat_server.wait_idle()
 
 
 def test_whole_call_timeout(chat_server, configure):
@@ -358,7 +351,7 @@ def test_whole_call_timeout(chat_server, configure):
     assert a.error == "no complete reply within 0.5 s (call_timeout) (gave up after 2 attempts)"
     assert 1.0 <= time.monotonic() - started < 2.5
     assert result.ok
-    wait_idle(chat_server)
+    chat_server.wait_idle()
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,7 +672,7 @@ def test_after_an_interrupt_nothing_is_left_behind(chat_server, configure, phase
     assert {r.status for r in partial.layers[0]} == {"cancelled"}
     if phase == "streaming":
         assert all(r.text.startswith("slow") for r in partial.layers[0])
-    wait_idle(chat_server)
+    chat_server.wait_idle()
     loop = worker.loop()
     assert asyncio.run_coroutine_threadsafe(_other_tasks(), loop).result(2) == []
     assert asyncio.run_coroutine_threadsafe(_acquired_connections(), loop).result(2) == 0
