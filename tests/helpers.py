@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 
 FAKE_PROVIDER = """\
 [providers.fake]
@@ -135,6 +136,16 @@ def stair_server(write_moa_toml, chat_server, aggregator):
     chat_server.default_reply = Reply(chunks=STAIR_WORDS, chunk_delay=0.05)
     chat_server.script(model="agg", reply=aggregator)
     return chat_server
+
+
+def wait_until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll `condition()` until it holds: a state to reach, however slow the machine, with
+    `timeout` only bounding a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout:g} s")
+        time.sleep(0.005)
 
 
 def wait_for_runs_to_end(timeout: float = 60.0) -> None:

@@ -21,6 +21,7 @@ from moa_magic.options import RUN_OPTIONS
 from chat_server import Reply, last_user_message
 from helpers import (
     FAKE_PRESET, FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, dom_classes, stair_aggregator, stair_server,
+    wait_until,
 )
 
 MAGIC_TOML = "\n".join([FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, FAKE_PRESET]) + """
@@ -313,8 +314,9 @@ def test_interrupt_cancels_stores_partial_result_and_ends_in_one_line(shell, con
     chat_server.script(model="a", reply=Reply(text="quick"))
     chat_server.script(reply=Reply(hang=True))
 
-    def interrupt():
-        chat_server.wait_for_requests(3, timeout=10)
+    def interrupt():  # once a's quick answer is in, while b and c hang
+        chat_server.wait_for_requests(3, timeout=10)  # this run has started: last_result() is it
+        wait_until(lambda: runner.last_result().layers[0][0].status == "done", "a answered")
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt, daemon=True).start()
