@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import threading
 import time
 
 FAKE_PROVIDER = """\
@@ -146,6 +147,18 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not reached within {timeout:g} s")
         time.sleep(0.005)
+
+
+def main_thread_in(function) -> bool:
+    """Whether the main thread is inside `function` now. A test's Ctrl-C must wait for the main
+    thread to be in `runner.wait`: on a loaded machine the worker can stream the first replies
+    before the main thread has even returned from submitting the run."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if frame.f_code is function.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def wait_for_runs_to_end(timeout: float = 60.0) -> None:

@@ -26,6 +26,8 @@ from moa_magic.config import RunSettings
 from moa_magic.errors import MoaUserError, RunFailed
 from moa_magic.core.events import CallRetrying, TextDelta
 from chat_server import Reply
+from helpers import main_thread_in, wait_until
+from moa_magic.core import runner
 
 FAST = {
     "retries": 2,
@@ -660,13 +662,28 @@ def test_after_an_interrupt_nothing_is_left_behind(chat_server, configure, phase
         chat_server.script(text=" ".join(["slow"] * 50), chunk_delay=0.1)
     else:
         chat_server.script(status=503, headers={"Retry-After": "20"})
-    timer = threading.Timer(0.4, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    timer.start()
-    started = time.monotonic()
+    def proposers():
+        result = moa_magic.last_result()
+        return result.layers[0] if result.prompt == "interrupt me" else []
+
+    reached = {  # the warm-up run sent 4 requests
+        "waiting for headers": lambda: len(chat_server.chat_requests) == 4 + 3,
+        "streaming": lambda: proposers() and all(r.text for r in proposers()),
+        "backing off": lambda: proposers() and all(r.retries for r in proposers()),
+    }[phase]
+    interrupted_at = []
+
+    def interrupt():
+        wait_until(lambda: reached() and main_thread_in(runner.wait), phase)
+        interrupted_at.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt)
+    watcher.start()
     with pytest.raises(KeyboardInterrupt):
         moa_magic.run("interrupt me", preset="fake")
-    assert time.monotonic() - started < 1.5
-    timer.join()
+    assert time.monotonic() - interrupted_at[0] < runner.CANCEL_GRACE_S + 1.0  # the grace, plus scheduling
+    watcher.join()
     partial = moa_magic.last_result()
     assert partial.status == "cancelled"
     assert {r.status for r in partial.layers[0]} == {"cancelled"}

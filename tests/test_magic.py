@@ -21,7 +21,7 @@ from moa_magic.options import RUN_OPTIONS
 from chat_server import Reply, last_user_message
 from helpers import (
     FAKE_PRESET, FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, dom_classes, stair_aggregator, stair_server,
-    wait_until,
+    main_thread_in, wait_until,
 )
 
 MAGIC_TOML = "\n".join([FAKE_PROVIDER, FAKEKEY_PROVIDER, NO_RETRIES, FAKE_PRESET]) + """
@@ -316,7 +316,8 @@ def test_interrupt_cancels_stores_partial_result_and_ends_in_one_line(shell, con
 
     def interrupt():  # once a's quick answer is in, while b and c hang
         chat_server.wait_for_requests(3, timeout=10)  # this run has started: last_result() is it
-        wait_until(lambda: runner.last_result().layers[0][0].status == "done", "a answered")
+        wait_until(lambda: runner.last_result().layers[0][0].status == "done"
+                   and main_thread_in(runner.wait), "a answered")
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt, daemon=True).start()
