@@ -15,6 +15,7 @@ import pytest
 
 import moa_magic
 from chat_server import Reply
+from helpers import main_thread_in, wait_until
 from moa_magic.config import load_config
 from moa_magic.errors import MissingKeyError, MoaUserError, RunFailed
 
@@ -304,14 +305,20 @@ def test_one_session_keeps_connections_alive_across_runs(chat_server, moa_config
 
 
 def test_keyboard_interrupt_cancels_every_request_within_a_second(chat_server, moa_config):
+    from moa_magic.core import runner
+
     chat_server.script(reply=Reply(hang=True))
-    main = threading.main_thread().ident
-    timer = threading.Timer(0.4, signal.pthread_kill, (main, signal.SIGINT))
-    timer.start()
-    started = time.monotonic()
+    interrupted_at = []
+
+    def interrupt():  # the three proposers' requests wait at the server; the caller waits for them
+        wait_until(lambda: len(chats(chat_server)) == 3 and main_thread_in(runner.wait), "requests")
+        interrupted_at.append(time.monotonic())
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         moa_magic.run("interrupt me", preset="fake")
-    assert time.monotonic() - started < 0.4 + 1.0
+    assert time.monotonic() - interrupted_at[0] < runner.CANCEL_GRACE_S + 1.0  # the grace, plus scheduling
     partial = moa_magic.last_result()
     assert partial.status == "cancelled" and partial.prompt == "interrupt me"
     chat_server.wait_idle()
