@@ -139,6 +139,31 @@ def stair_server(write_moa_toml, chat_server, aggregator):
     return chat_server
 
 
+def staircase_requests(server, proposer_words: dict[str, list[str]], answer: str) -> list[dict]:
+    """What each aggregator ("agg") request of a staircase run held, read from the server's side:
+    its span of the final `answer` (its assistant prefix up to the next one's) and, per proposer
+    label (L1.1, L1.2, ... in the order of `proposer_words`), the characters of that proposer's
+    streamed words its references held: the longest prefix of them found there. The proposers'
+    texts must not share a prefix (give each words of its own)."""
+    requests = server.requests_for("agg")
+    prefixes = [answer_so_far(r["body"]) for r in requests] + [answer]
+    steps = []
+    for number, (request, before, after) in enumerate(zip(requests, prefixes, prefixes[1:]), start=1):
+        references = request["body"]["messages"][0]["content"]
+        saw = {}
+        for index, words in enumerate(proposer_words.values(), start=1):
+            shown = [len("".join(words[:k])) for k in range(len(words) + 1)
+                     if "".join(words[:k]).strip() in references]
+            saw[f"L1.{index}"] = max(shown)
+        steps.append({"step": number, "start": len(before), "end": len(after), "saw": saw})
+    return steps
+
+
+def seen_figure(chars: int, total: int) -> str:
+    """How the staircase renditions state what a step saw of a proposer's `total` characters."""
+    return f"all {total}" if chars >= total else f"{chars}/{total} ({round(chars / total * 100)}%)"
+
+
 def wait_until(condition, what: str, timeout: float = 10.0) -> None:
     """Poll `condition()` until it holds: a state to reach, however slow the machine, with
     `timeout` only bounding a hang."""

@@ -20,7 +20,8 @@ import pytest
 import moa_magic
 from chat_server import Reply
 from helpers import (
-    HOSTILE, answer_so_far, assert_inert_html, assert_inert_markdown, stair_server,
+    HOSTILE, answer_so_far, assert_inert_html, assert_inert_markdown, seen_figure, stair_server,
+    staircase_requests,
 )
 from moa_magic.core.events import CallStep, TextDelta
 from moa_magic.render.sanitize import render
@@ -57,23 +58,7 @@ def stairs(write_moa_toml, chat_server):
 
 def expected_steps(server) -> list[dict]:
     """Per aggregator request: its span of the answer and what it saw of each proposer."""
-    requests = server.requests_for("agg")
-    prefixes = [answer_so_far(r["body"]) for r in requests] + [ANSWER]
-    steps = []
-    for number, (request, before, after) in enumerate(zip(requests, prefixes, prefixes[1:]), start=1):
-        references = request["body"]["messages"][0]["content"]
-        saw = {}
-        for index, name in enumerate("abc", start=1):
-            words = PROPOSER_WORDS[name]
-            shown = [len("".join(words[:k])) for k in range(len(words) + 1)
-                     if "".join(words[:k]).strip() in references]
-            saw[f"L1.{index}"] = max(shown)
-        steps.append({"step": number, "start": len(before), "end": len(after), "saw": saw})
-    return steps
-
-
-def seen_figure(chars: int, total: int) -> str:
-    return f"all {total}" if chars >= total else f"{chars}/{total} ({round(chars / total * 100)}%)"
+    return staircase_requests(server, PROPOSER_WORDS, ANSWER)
 
 
 def answer_body(page: str) -> str:

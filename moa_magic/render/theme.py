@@ -3,7 +3,9 @@
 Our own constant CSS (no model text). Every colour and size is a JupyterLab theme variable with a
 fallback, so the view follows the light and the dark theme and still reads where the variables do
 not exist (nbconvert HTML, other front ends). Shades that must work on both themes (diff marks,
-agreement cells) are translucent.
+agreement cells) are translucent. Orange text and the step badges use the theme's darker warning
+shade (`--jp-warn-color0`), and a badge's digit is the page's own background colour: readable on a
+projector in both themes (white on the light theme's orange-700 is not).
 """
 
 CSS = """<style>
@@ -51,18 +53,20 @@ CSS = """<style>
 .moa-bar-label { flex: 0 0 16em; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .moa-bar-track { flex: 0 1 240px; height: 8px; background: var(--jp-layout-color3, #bdbdbd); }
 .moa-bar-fill { height: 8px; background: var(--jp-brand-color1, #1976d2); }
-.moa-stair-live { font-size: var(--jp-ui-font-size1, 13px); color: var(--jp-warn-color1, #e65100);
+.moa-stair-live { font-size: var(--jp-ui-font-size1, 13px); color: var(--jp-warn-color0, #e65100);
   margin: 2px 0; }
 .moa-step-mark { display: inline-block; min-width: 1.2em; padding: 0 0.25em; margin: 0 0.15em;
-  border-radius: 0.6em; font: 600 0.72em/1.35 var(--jp-ui-font-family, system-ui, sans-serif);
+  border-radius: 0.6em; font: 600 0.8em/1.35 var(--jp-ui-font-family, system-ui, sans-serif);
   text-align: center; vertical-align: super; cursor: help;
-  color: #fff; background: var(--jp-brand-color1, #1976d2); }
-.moa-step-mark.moa-stair-partial { background: var(--jp-warn-color1, #e65100); }
+  color: var(--jp-layout-color0, #fff); background: var(--jp-brand-color1, #1976d2); }
+.moa-step-mark.moa-stair-partial { background: var(--jp-warn-color0, #e65100); }
 .moa-stair-table .moa-step-mark { font-size: 0.9em; vertical-align: baseline; }
-.moa-stair-table { border-collapse: collapse; margin: 2px 0 6px; font-size: var(--jp-ui-font-size1, 13px); }
-.moa-stair-table th, .moa-stair-table td { padding: 3px 8px; text-align: left; vertical-align: top;
-  font-weight: normal; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); }
-.moa-stair-table th { font-weight: 600; }
+.moa-view table.moa-stair-table { border-collapse: collapse; table-layout: auto; margin: 2px 0 6px;
+  font-size: var(--jp-ui-font-size1, 13px); }
+.moa-view table.moa-stair-table th, .moa-view table.moa-stair-table td { padding: 3px 8px;
+  text-align: left; vertical-align: top; font-weight: normal; line-height: 1.45;
+  border: none; border-bottom: 1px solid var(--jp-border-color2, #e0e0e0); }
+.moa-view table.moa-stair-table th { font-weight: 600; }
 .moa-stair-table tbody tr:nth-child(even) { background: rgba(127, 127, 127, 0.09); }
 .moa-stair-seen { display: flex; align-items: center; gap: 6px; white-space: nowrap; }
 .moa-stair-track { display: inline-block; width: 64px; height: 8px; background: var(--jp-layout-color3, #bdbdbd); }
