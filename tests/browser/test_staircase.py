@@ -109,7 +109,7 @@ def words_chars(words: list[str], count: int) -> int:
     return len("".join(words[:count]))
 
 
-# the text of the first element matching a selector inside the run's cell, whitespace folded
+# the texts of the elements matching a selector inside a cell, whitespace folded
 _JS_TEXT = """([cell, selector]) => {
   const e = document.querySelectorAll('.jp-Notebook .jp-Cell')[cell].querySelectorAll(selector);
   return Array.from(e).map(x => x.textContent.replace(/\\s+/g, ' ').trim());
@@ -126,13 +126,13 @@ def colour_of(locator, variable: str) -> str:
 
 def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium, page,
                                                         write_moa_toml):
-    held = {"first": threading.Event(), "fifth": threading.Event()}
+    held = {FIRST_WORDS: threading.Event(), HELD_AT: threading.Event()}  # after N words, until set
     gates = [threading.Event() for _ in PIECES]
     write_moa_toml(STAIR_TOML)  # MOA_MAGIC_CONFIG: the lab and its kernel inherit it
     for name, words in PROPOSER_WORDS.items():
         chat_server.script(model=name, reply=Reply(
             chunks=words, chunk_delay=0.01,
-            pause_before={FIRST_WORDS: held["first"], HELD_AT: held["fifth"]}))
+            pause_before=held))
     chat_server.script(model="agg", reply=gated_aggregator(gates))
     nb = new_notebook(cells=[
         new_code_cell("%load_ext moa_magic"),
@@ -185,7 +185,7 @@ def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, 
         assert saw1 == {labels[n]: words_chars(w, FIRST_WORDS) for n, w in PROPOSER_WORDS.items()}
         assert colour_of(live, "--jp-warn-color0") == live.evaluate("e => getComputedStyle(e).color")
         assert contrast(live, out.locator(".moa-tree .moa-answer")) >= 3
-        held["first"].set()
+        held[FIRST_WORDS].set()
         cards_show(HELD_AT)
         gates[0].set()
 
@@ -200,7 +200,7 @@ def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, 
 
         # ---- step 3: after every proposer ended -----------------------------------------------
         answer_shows("".join(PIECES[:2]))  # step 2 stopped: the run waits for the proposers
-        held["fifth"].set()
+        held[HELD_AT].set()
         saw3 = step_shown(3, "every proposer had ended")
         assert saw3 == {labels[n]: len("".join(w)) for n, w in PROPOSER_WORDS.items()}
         gates[2].set()
