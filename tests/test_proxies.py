@@ -3,7 +3,8 @@ fresh process reaches a TLS chat server on loopback through a loopback proxy's C
 the certificate checked against a throwaway CA (trustme) that the environment names the way a user
 names a corporate one (SSL_CERT_FILE / SSL_CERT_DIR: aiohttp builds its TLS contexts at import from
 OpenSSL's default paths, so only a new process sees them). The server's name,
-`api.moa-test.invalid`, resolves nowhere: only the proxy can reach it."""
+`api.moa-test.invalid`, resolves nowhere: only the proxy can reach it. And loopback never goes
+through a proxy (plain http through one: tests/test_hostile.py)."""
 
 from __future__ import annotations
 
@@ -197,3 +198,18 @@ def test_a_proxy_that_is_not_there_is_named(tls_server, ca_file, moa):
     assert (f"cannot connect to the proxy {gone} (HTTPS_PROXY) to reach "
             f"https://{HOST}:{tls_server.port}: Connection refused") in line
     assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_the_embedded_models_probes_never_go_through_a_proxy(chat_server, monkeypatch):
+    """A corporate proxy cannot reach this machine's 127.0.0.1: the local server's readiness probe
+    (and self-check, same opener) must not be sent there, as urllib would unless NO_PROXY names it."""
+    from moa_magic.providers import local
+
+    for name in ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    with ForwardProxy(upstream=("127.0.0.1", chat_server.port)) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("ALL_PROXY", proxy.url)
+        assert local._ready(chat_server.url)
+    assert proxy.seen == []
