@@ -41,7 +41,7 @@ class ForwardProxy:
         self._front: asyncio.AbstractServer | None = None
         self._runner: web.AppRunner | None = None
         self._forwarder_port: int | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     @property
     def url(self) -> str:
@@ -87,9 +87,11 @@ class ForwardProxy:
 
     async def _shutdown(self) -> None:
         self._front.close()
-        for task in self._connections:
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+        # Closed, not cancelled: asyncio logs a cancelled connection task as an error (3.11).
+        for client_out in self._connections.values():
+            client_out.close()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=5)
         await self._runner.cleanup()
 
     def _authorised(self, header: str | None) -> bool:
@@ -100,7 +102,7 @@ class ForwardProxy:
 
     async def _accept(self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._connections.add(task)
+        self._connections[task] = client_out
         try:
             head = await client_in.readuntil(b"\r\n\r\n")
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -121,7 +123,7 @@ class ForwardProxy:
             pass  # a client that went away or sent no HTTP: nothing to proxy
         finally:
             client_out.close()
-            self._connections.discard(task)
+            self._connections.pop(task, None)
 
     async def _tunnel(self, client_in, client_out, address: tuple[str, int], first: bytes) -> None:
         """Bytes both ways between the client and `address` until either side closes."""

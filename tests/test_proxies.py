@@ -172,12 +172,28 @@ def test_a_proxy_refusing_credentials_is_one_line_naming_the_proxy(userinfo, tls
     assert proxy.refused == 1 and proxy.seen == [] and tls_server.chat_requests == []
 
 
-def test_a_plain_http_proxy_refusing_credentials_names_it_too(tls_server, moa, monkeypatch, tmp_path):
+def plain_http_config(port: int, tmp_path, monkeypatch) -> str:
+    """The provider at plain http on a name only a proxy can reach; its base URL."""
+    url = f"http://llm.moa-test.invalid:{port}/v1"
     config = tmp_path / "plain.toml"
-    config.write_text(f'[providers.p]\nbase_url = "http://llm.moa-test.invalid:{tls_server.port}/v1"\n'
-                      '[presets.one]\nlayers = [["p:a"]]\naggregator = "p:agg"\n'
-                      "[settings]\nretries = 0\n", "utf-8")
+    config.write_text(f'[providers.p]\nbase_url = "{url}"\n[presets.one]\nlayers = [["p:a"]]\n'
+                      'aggregator = "p:agg"\n[settings]\nretries = 0\n', "utf-8")
     monkeypatch.setenv("MOA_MAGIC_CONFIG", str(config))
+    return url
+
+
+def test_proxy_credentials_work_for_plain_http_too(chat_server, moa, monkeypatch, tmp_path):
+    url = plain_http_config(chat_server.port, tmp_path, monkeypatch)
+    with ForwardProxy(upstream=("127.0.0.1", chat_server.port), credentials=(USER, PASSWORD)) as proxy:
+        done = moa({"HTTP_PROXY": with_credentials(proxy.url, USER, PASSWORD)})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["final"] == "agg says: q"
+    assert proxy.refused == 0 and proxy.seen == [f"{url}/chat/completions"] * 2
+    assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_a_plain_http_proxy_refusing_credentials_names_it_too(tls_server, moa, monkeypatch, tmp_path):
+    plain_http_config(tls_server.port, tmp_path, monkeypatch)
     # refused before anything is forwarded, so the upstream's scheme does not matter
     with ForwardProxy(upstream=("127.0.0.1", tls_server.port), credentials=(USER, PASSWORD)) as proxy:
         done = moa({"HTTP_PROXY": with_credentials(proxy.url, USER, "wrong-Secret-91c2")})

@@ -131,9 +131,13 @@ async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
     target = URL(url)
     for _ in range(MAX_REDIRECTS + 1):
         proxy, proxy_headers = proxy_for(target)
+        request = kwargs
+        if proxy_headers and target.scheme == "http":
+            # aiohttp sends proxy_headers with CONNECT only: plain http carries them itself
+            request = dict(kwargs, headers={**(kwargs.get("headers") or {}), **proxy_headers})
         try:
             response = await session().post(
-                target, proxy=proxy, proxy_headers=proxy_headers, allow_redirects=False, **kwargs
+                target, proxy=proxy, proxy_headers=proxy_headers, allow_redirects=False, **request
             )
         except aiohttp.ClientProxyConnectionError as exc:
             raise ProxyFailed(f"cannot connect to the proxy {proxy} ({proxy_setting(target)}) to "
