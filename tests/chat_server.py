@@ -155,7 +155,7 @@ def _error_json(message: str, type_: str = "invalid_request_error", code: Any = 
 class ChatServer:
     """A fake OpenAI-compatible server on loopback; see the module docstring."""
 
-    def __init__(self, models: list[str] | None = None):
+    def __init__(self, models: list[str] | None = None, ssl_context=None):
         self.models: list[str] = list(models) if models is not None else ["a", "b", "c", "agg"]
         self.default_reply: Reply = Reply()
         self.errors: list[BaseException] = []  # exceptions raised inside the fake itself
@@ -172,6 +172,7 @@ class ChatServer:
         self._stopping = False
         self._counter = 0
         self.port: int | None = None
+        self.ssl_context = ssl_context  # an ssl.SSLContext: serve https (its certificate's name)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -179,11 +180,11 @@ class ChatServer:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("ChatServer is not started")
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.root_url}/v1"
 
     @property
     def root_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "ChatServer":
         if self._thread is not None:
@@ -221,7 +222,7 @@ class ChatServer:
         app.router.add_route("*", "/{tail:.*}", self._handle_other)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self.ssl_context).start()
 
     def stop(self) -> None:
         if self._thread is None or self._loop is None:

@@ -13,10 +13,8 @@ import asyncio
 import datetime
 import email.utils
 import json
-import os
 import random
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -191,6 +189,8 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
         )
     except http.CrossOriginRedirect as exc:
         raise CallError(f"{provider.name}: {exc}") from None
+    except http.ProxyFailed as exc:
+        raise CallError(str(exc), retryable=exc.retryable) from None
     except aiohttp.ServerTimeoutError:  # raised by aiohttp for connect/sock_connect; a TimeoutError too
         raise CallError(
             f"cannot connect to {shown_url} ({provider.name}) within {settings.connect_timeout:g} s "
@@ -201,9 +201,16 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
             f"{provider.name} sent no response within {settings.first_byte_timeout:g} s "
             f"(first_byte_timeout)", retryable=True
         ) from None
+    except aiohttp.ClientConnectorCertificateError as exc:
+        problem = getattr(exc.certificate_error, "verify_message", None) or exc.certificate_error
+        raise CallError(
+            f"cannot connect to {shown_url} ({provider.name}): its TLS certificate is not trusted "
+            f"({problem}). Behind a proxy that inspects TLS, point SSL_CERT_FILE at a bundle with "
+            f"your organisation's CA."
+        ) from None
     except aiohttp.ClientConnectorError as exc:
         raise CallError(
-            f"cannot connect to {shown_url} ({provider.name}): {_os_reason(exc)}"
+            f"cannot connect to {shown_url} ({provider.name}): {http.os_reason(exc)}"
             + (f" — is the server running? {provider.start_hint}".rstrip() if provider.local else ""),
             retryable=True,
         ) from None
@@ -250,15 +257,6 @@ async def _attempt(provider, base_url, body, settings, on_delta, reply: Reply) -
             response.close()
             raise
     return reply
-
-
-def _os_reason(exc: aiohttp.ClientConnectorError) -> str:
-    """'Connection refused' rather than asyncio's "Connect call failed ('127.0.0.1', 8000)"."""
-    error = getattr(exc, "os_error", None)
-    number = getattr(error, "errno", None)
-    if isinstance(number, int) and number > 0 and not isinstance(error, socket.gaierror):
-        return os.strerror(number)
-    return getattr(error, "strerror", None) or str(exc)
 
 
 async def _read_text(response, settings, limit: int, whole: bool = False) -> str:

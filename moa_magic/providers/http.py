@@ -5,6 +5,9 @@
   (localhost, 127.0.0.0/8, ::1 — local servers and the embedded model) never go through a proxy.
   We choose the proxy ourselves instead of aiohttp's `trust_env`, which has no such exception and
   would also pick credentials out of ~/.netrc for every host.
+- https through a proxy is a `CONNECT` tunnel; the certificate is checked against OpenSSL's default
+  trust store, which `SSL_CERT_FILE` / `SSL_CERT_DIR` replace (a corporate CA bundle). A proxy that
+  cannot be reached or refuses the call raises ProxyFailed naming the proxy, its setting and why.
 - Credentials in a base URL (`http://user:pass@host/v1`) are sent as HTTP basic auth and never
   shown: every URL we print goes through `redact_url`.
 - Redirects are followed only within the same origin (scheme, host, port): a provider must not be
@@ -16,6 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
+import socket
+import ssl  # already loaded by aiohttp
 import urllib.request
 import weakref
 from typing import Callable
@@ -36,6 +42,15 @@ class BodyTooLarge(Exception):
 
 class CrossOriginRedirect(Exception):
     pass
+
+
+class ProxyFailed(Exception):
+    """The proxy could not be reached or refused the call (the message names it, without
+    credentials); `retryable` when trying again may help."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def session() -> aiohttp.ClientSession:
@@ -86,9 +101,15 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def proxy_setting(url: URL) -> str:
+    """The environment variable that names the proxy for `url`, for messages."""
+    proxies = urllib.request.getproxies_environment()
+    return f"{url.scheme.upper()}_PROXY" if proxies.get(url.scheme) else "ALL_PROXY"
+
+
 def proxy_for(url: URL) -> tuple[str | None, dict | None]:
-    """The environment's proxy for `url` and the headers for it (its credentials), or (None, None)
-    for a direct call."""
+    """The environment's proxy for `url` (without credentials) and the headers for it (its
+    credentials), or (None, None) for a direct call."""
     if is_loopback(url.host):
         return None, None
     proxies = urllib.request.getproxies_environment()
@@ -97,8 +118,9 @@ def proxy_for(url: URL) -> tuple[str | None, dict | None]:
         return None, None
     parsed = URL(proxy if "://" in proxy else f"http://{proxy}")
     headers = None
-    if parsed.user is not None:
-        headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(parsed.user, parsed.password or "")}
+    if parsed.user is not None or parsed.password is not None:
+        headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(parsed.user or "",
+                                                                    parsed.password or "")}
         parsed = parsed.with_user(None)
     return str(parsed), headers
 
@@ -109,9 +131,22 @@ async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
     target = URL(url)
     for _ in range(MAX_REDIRECTS + 1):
         proxy, proxy_headers = proxy_for(target)
-        response = await session().post(
-            target, proxy=proxy, proxy_headers=proxy_headers, allow_redirects=False, **kwargs
-        )
+        request = kwargs
+        if proxy_headers and target.scheme == "http":
+            # aiohttp sends proxy_headers with CONNECT only: plain http carries them itself
+            request = dict(kwargs, headers={**(kwargs.get("headers") or {}), **proxy_headers})
+        try:
+            response = await session().post(
+                target, proxy=proxy, proxy_headers=proxy_headers, allow_redirects=False, **request
+            )
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise ProxyFailed(f"cannot connect to the proxy {proxy} ({proxy_setting(target)}) to "
+                              f"reach {origin(target)}: {os_reason(exc)}", retryable=True) from None
+        except aiohttp.ClientHttpProxyError as exc:  # its answer to CONNECT (https)
+            raise _refused(proxy, target, exc.status, exc.message) from None
+        if proxy is not None and response.status == 407:  # its own answer to a plain http request
+            response.release()
+            raise _refused(proxy, target, response.status, response.reason)
         location = response.headers.get("Location")
         if response.status not in REDIRECTS or not location:
             return response
@@ -129,6 +164,28 @@ async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
             )
         target = following
     raise CrossOriginRedirect(f"more than {MAX_REDIRECTS} redirects within {origin(target)}")
+
+
+def _refused(proxy: str, target: URL, status: int, reason: str | None) -> ProxyFailed:
+    setting = proxy_setting(target)
+    hint = f" — check the user name and password in {setting}" if status == 407 else ""
+    return ProxyFailed(
+        f"the proxy {proxy} ({setting}) refused to reach {origin(target)}: "
+        f"HTTP {status} {(reason or '')[:100]}".rstrip() + hint,
+        retryable=status >= 500,
+    )
+
+
+def os_reason(exc: aiohttp.ClientConnectorError) -> str:
+    """'Connection refused' rather than asyncio's "Connect call failed ('127.0.0.1', 8000)"; for TLS
+    what failed (an SSLError's errno is OpenSSL's, not an OS error number)."""
+    error = getattr(exc, "os_error", None)
+    if isinstance(error, ssl.SSLError):
+        return f"TLS failed: {error.reason or error}"
+    number = getattr(error, "errno", None)
+    if isinstance(number, int) and number > 0 and not isinstance(error, socket.gaierror):
+        return os.strerror(number)
+    return getattr(error, "strerror", None) or str(exc)
 
 
 async def within(awaitable, seconds: float, discard: Callable[[object], None] | None = None):

@@ -200,12 +200,19 @@ def _alive(proc: subprocess.Popen | None) -> bool:
     return proc is not None and proc.poll() is None
 
 
+def _open_direct(request, timeout: float):
+    """urlopen that ignores HTTP_PROXY: urllib would send even 127.0.0.1 to a proxy unless NO_PROXY
+    names it, and a corporate proxy cannot reach this machine's loopback."""
+    import urllib.request  # lazily: keeps `import moa_magic.local` cheap
+
+    return urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=timeout)
+
+
 def _ready(url: str) -> bool:
-    import urllib.error  # lazily: keeps `import moa_magic.local` cheap
-    import urllib.request
+    import urllib.error
 
     try:
-        with urllib.request.urlopen(url + "/models", timeout=2) as r:
+        with _open_direct(url + "/models", timeout=2) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
@@ -289,7 +296,7 @@ def _self_check(url: str, proc: subprocess.Popen, log: Path, deadline: float) ->
         url + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=max(5.0, deadline - time.monotonic())) as r:
+        with _open_direct(request, timeout=max(5.0, deadline - time.monotonic())) as r:
             reply = json.loads(r.read())
         if reply.get("choices"):
             return
