@@ -41,7 +41,6 @@ from lab import (
     SEL,
     VIEWPORT,
     cell_outputs,
-    notebook_state,
     open_notebook,
     restart_kernel_and_reopen,
     run_all_cells,
@@ -402,7 +401,9 @@ def test_quickstart_in_jupyterlab(lab_root, artifacts_dir, chat_server, chromium
         t1 = time.monotonic()
         restart_kernel_and_reopen(page, lab, NB)
         t_reopen = time.monotonic() - t1
-        assert notebook_state(page)["status"] == "idle"
+        # the reopened kernel settles idle, nothing re-runs; not a single look, since JupyterLab's
+        # own requests on connecting (kernel and comm info) make it busy for a moment
+        wait_idle(page, timeout=60)
 
         out = cell_outputs(page, cells["sky"])
         out.scroll_into_view_if_needed()
