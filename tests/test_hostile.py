@@ -132,6 +132,22 @@ def test_credentials_in_a_base_url_are_sent_as_basic_auth_and_never_shown(
     assert "pa55" not in str(error) and "pa55" not in json.dumps(result.to_dict())
 
 
+def test_a_server_echoing_the_basic_authorization_header_does_not_leak_it(
+    chat_server, tmp_path, monkeypatch
+):
+    """The header is the URL's credentials in base64: echoed, it is as good as the password."""
+    sent = "Basic " + base64.b64encode(b"alice:pa55-w0rd-very-secret").decode()
+    chat_server.script(model="a", reply=Reply(status=400, error_body=f"bad request; you sent "
+                                                                     f"Authorization: {sent}"))
+    url = chat_server.url.replace("http://", "http://alice:pa55-w0rd-very-secret@")
+    result, error = one_call(url, tmp_path, monkeypatch)
+    assert chat_server.requests_for("a")[0]["headers"]["Authorization"] == sent
+    shown = result.layers[0][0].error
+    assert shown.startswith("HTTP 400 from p: bad request; you sent Authorization: Basic ***")
+    for text in (shown, str(error), json.dumps(result.to_dict())):
+        assert sent.split()[1][:12] not in text and sent.split()[1][-12:] not in text
+
+
 def test_the_cli_list_never_shows_url_credentials(tmp_path, monkeypatch):
     write_config(tmp_path, monkeypatch,
                  '[providers.p]\nbase_url = "https://bob:hunter2-xyz@llm.example/v1"\n')

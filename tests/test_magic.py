@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import _thread
-import importlib.util
 import json
 import subprocess
 import sys
@@ -440,20 +439,21 @@ def test_moa_result_displays_with_its_reprs(shell, config, chat_server):
 
 
 def test_moa_usage(shell, config, chat_server):
-    if importlib.util.find_spec("moa_magic.accounting.usage") is None:
-        error, _ = run_error(shell, "%moa usage")
-        assert type(error) is UsageError and "not available" in str(error)
-    else:
-        run(shell, "%%moa --preset fake\nQ")
-        cap = run(shell, "%moa usage")
-        assert cap.outputs
+    from moa_magic.accounting import usage
+
+    usage.reset_session()  # the ledger is the process's: earlier tests' runs are in it
+    run(shell, "%%moa --preset fake\nQ")
+    shown = run(shell, "%moa usage").outputs[-1].data
+    assert shown["text/plain"].startswith("moa session: 1 runs (1 done, 0 failed, 0 cancelled) · 4 calls")
+    for model in ("fake:a", "fake:b", "fake:c", "fake:agg"):
+        assert f"<td style='text-align:left'>{model}</td><td style='text-align:right'>1</td>" in shown["text/html"]
 
 
-def test_dry_run_if_available(shell, config, chat_server):
-    if not any("--dry-run" in flags for flags, _ in RUN_OPTIONS):
-        pytest.skip("--dry-run is not in RUN_OPTIONS yet")
-    cap = run(shell, "%%moa --preset fake --dry-run\nQ")
-    assert cap.outputs and chat_server.chat_requests == []
+def test_dry_run(shell, config, chat_server):
+    shown = run(shell, "%%moa --preset fake --dry-run\nQ").outputs[-1].data["text/plain"]
+    assert shown.startswith("moa estimate · preset fake · 2 layers: 3 proposers + aggregator · nothing sent")
+    assert "\ntotal           4 " in shown
+    assert chat_server.chat_requests == []
 
 
 def test_moa_help_and_version(shell):

@@ -116,6 +116,15 @@ def test_https_streams_through_the_proxy_tunnel_with_the_certificate_checked(
     assert [r["body"]["stream"] for r in tls_server.chat_requests] == [True, True]
 
 
+@pytest.mark.parametrize("proxy", [f"http://{USER}:{PASSWORD}@proxy.corp:31x8",
+                                   f"http://{USER}:{PASSWORD}@[::1:3128"])
+def test_a_malformed_proxy_url_fails_in_one_line_naming_its_variable(proxy, tls_server, moa):
+    line = failure_line(moa({"HTTPS_PROXY": proxy}))
+    assert "HTTPS_PROXY = 'http://***@" in line and "is not a valid proxy URL" in line, line
+    assert "unexpected" not in line and PASSWORD not in line
+    assert tls_server.chat_requests == []
+
+
 def test_an_untrusted_certificate_fails_in_one_line_naming_it(tls_server, moa):
     with ForwardProxy(upstream=("127.0.0.1", tls_server.port)) as proxy:
         done = moa({"HTTPS_PROXY": proxy.url})

@@ -163,6 +163,30 @@ def test_a_bad_file_is_one_clear_line(tmp_path, content, message):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("latency_s", "1.5", "a call's latency_s is '1.5', not a number"),
+    ("cost_usd", "0.01", "a call's cost_usd is '0.01', not a number"),
+    ("usage", [3, 4], "a call's usage is [3, 4], not an object"),
+    ("error", {"message": "x"}, "a call's error is {'message': 'x'}, not text"),
+])
+def test_a_call_field_of_the_wrong_type_is_one_clear_line(chat_server, config, tmp_path, field,
+                                                          value, message):
+    """A doctored file whose call figures are not what the renderers format: refused at load, not
+    a traceback from a renderer in the middle of the replay."""
+    _, path = record_run(chat_server, tmp_path)
+    data = json.loads(path.read_text("utf-8"))
+    data["layers"][0][0][field] = value
+    path.write_text(json.dumps(data), "utf-8")
+    with pytest.raises(MoaUserError) as info:
+        moa_magic.load(path)
+    assert message in str(info.value)
+    done = subprocess.run([sys.executable, "-m", "moa_magic", "replay", "--speed", "100", str(path)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [f"moa: {info.value}"]
+
+
 def test_cli_save_writes_the_run_even_when_it_fails(chat_server, config, tmp_path):
     chat_server.script(reply=Reply(status=500))
     path = tmp_path / "failed.json"

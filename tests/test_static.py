@@ -108,8 +108,29 @@ def test_md_safe_keeps_good_links_and_breaks_bad_ones():
     assert md_safe("[a](javascript:x)") == "[a]\\(javascript:x)"
     assert md_safe("[a](java\\script:x)").startswith("[a]\\(")  # a colon before any '/': refused
     assert md_safe("[a](javascript\\:x)").startswith("[a]\\(")
-    assert md_safe("[r]: javascript:x") == "\\[r]: javascript:x"
+    assert md_safe("[r]: javascript:x") == "[r]\\: javascript:x"
+    assert md_safe("[r]: https://x.y\n\n[a][r]") == "[r]: https://x.y\n\n[a][r]"
     assert md_safe("a < b & c") == "a &lt; b & c"
+
+
+@pytest.mark.parametrize("definition", [
+    "> [r]: javascript:alert(1)",  # a reference definition counts document-wide from any container
+    "- [r]: javascript:alert(1)",
+    "1. [r]: data:text/html,x",
+    "> - [r]: javascript:alert(1)",
+    "[r\nr]: javascript:alert(1)",  # a label may span lines
+])
+def test_a_reference_definition_inside_a_container_makes_no_unsafe_link(definition):
+    """The Markdown form must stay inert in a renderer that keeps every URL (md_safe's promise)."""
+    from markdown_it import MarkdownIt
+
+    permissive = MarkdownIt("commonmark", {"html": True})
+    permissive.validateLink = lambda url: True
+    text = f"{definition}\n\nSee [click][r] or [again][r r]."
+    assert 'href="javascript' in permissive.render(text) or 'href="data' in permissive.render(text)
+    result = make_result(final=text)
+    shown = permissive.render(result_markdown(result))
+    assert "href=" not in shown, shown
 
 
 def test_static_rendition_of_a_real_run(moa_config, chat_server):

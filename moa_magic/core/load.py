@@ -51,16 +51,40 @@ def _record(data: dict) -> CallRecord:
         layer=int(data["layer"]), index=int(data["index"]), model=str(data["model"]),
         role=str(data["role"]), temperature=data["temperature"], max_tokens=data["max_tokens"],
         seed=data.get("seed"), messages=list(data.get("messages") or []), status=str(data["status"]),
-        text=str(data.get("text") or ""), error=data.get("error"), usage=data.get("usage"),
+        text=str(data.get("text") or ""), error=_text(data, "error"), usage=_usage(data),
         prompt_tokens=counted.get("prompt_tokens"),
         completion_tokens=int(counted.get("completion_tokens") or 0),
-        tokens_approx=bool(counted.get("approximate")), cost_usd=data.get("cost_usd"),
-        price_source=data.get("price_source"), latency_s=data.get("latency_s"),
-        ttft_s=data.get("ttft_s"), attempts=int(data.get("attempts") or 0),
+        tokens_approx=bool(counted.get("approximate")), cost_usd=_number(data, "cost_usd"),
+        price_source=_text(data, "price_source"), latency_s=_number(data, "latency_s"),
+        ttft_s=_number(data, "ttft_s"), attempts=int(data.get("attempts") or 0),
         retries=[str(r) for r in data.get("retries") or []], cached=bool(data.get("cached")),
-        original_cost_usd=data.get("original_cost_usd"), finish_reason=data.get("finish_reason"),
-        cut_by=data.get("cut_by"), steps=[_step(s) for s in data.get("staircase") or []],
+        original_cost_usd=_number(data, "original_cost_usd"),
+        finish_reason=_text(data, "finish_reason"), cut_by=_text(data, "cut_by"),
+        steps=[_step(s) for s in data.get("staircase") or []],
     )
+
+
+# The renderers format these fields as numbers, text or a dict: any other type would fail there,
+# in the middle of drawing the run, instead of here with the field named.
+def _number(data: dict, name: str) -> float | None:
+    value = data.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"a call's {name} is {value!r:.40}, not a number")
+    return value
+
+
+def _text(data: dict, name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"a call's {name} is {value!r:.40}, not text")
+    return value
+
+
+def _usage(data: dict) -> dict | None:
+    value = data.get("usage")
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"a call's usage is {value!r:.40}, not an object")
+    return value
 
 
 def _step(data: dict) -> dict:

@@ -116,7 +116,11 @@ def proxy_for(url: URL) -> tuple[str | None, dict | None]:
     proxy = proxies.get(url.scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass_environment(url.host or "", proxies):
         return None, None
-    parsed = URL(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        parsed = URL(proxy if "://" in proxy else f"http://{proxy}")
+    except ValueError as exc:  # yarl checks the port and IPv6 brackets only here
+        raise ProxyFailed(f"{proxy_setting(url)} = {redact_url(proxy)!r} is not a valid proxy URL "
+                          f"({exc}); fix or unset it", retryable=False) from None
     headers = None
     if parsed.user is not None or parsed.password is not None:
         headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(parsed.user or "",

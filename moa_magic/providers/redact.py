@@ -73,13 +73,15 @@ def redact(text: str, key: str | None) -> str:
 
 
 def secrets(provider: Provider, base_url: str) -> list[str]:
-    """What must never be shown for this call: the API key and a password in the base URL."""
-    _, password, _ = http.split_credentials(base_url)
-    return [s for s in (provider.api_key(), password) if s]
+    """What must never be shown for this call: the API key, a password in the base URL and the
+    base64 form of it we send (a server echoing its request headers would show that one)."""
+    _, password, basic = http.split_credentials(base_url)
+    encoded = basic.partition(" ")[2] if basic else None
+    return [s for s in (provider.api_key(), password, encoded) if s]
 
 
 def scrub(text: str, provider: Provider, base_url: str) -> str:
-    """`text` with every secret of the call redacted, and URLs shown without credentials."""
+    """`text` with every secret of the call redacted."""
     for secret in secrets(provider, base_url):
         text = redact(text, secret)
     return text

@@ -37,7 +37,9 @@ def esc(text: object) -> str:
 
 
 _INLINE_DEST = re.compile(r"\]\(\s*<?([^\s)>]*)")
-_REF_DEF = re.compile(r"^( {0,3})\[([^\]\n]*)\]:\s*<?(\S*)", re.MULTILINE)
+# The `]:` of a reference definition, wherever it is: inside a quote or a list item, or after a
+# label spanning lines, a definition still counts for the whole document.
+_REF_DEF = re.compile(r"\]:\s*<?(\S*)")
 _BACKSLASH_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")
 
 
@@ -53,10 +55,7 @@ def md_safe(text: str) -> str:
 
     text = no_images_markdown(text.replace("<", "&lt;"))
     text = _INLINE_DEST.sub(lambda m: m.group(0) if _link_ok(m.group(1)) else "]\\" + m.group(0)[1:], text)
-    return _REF_DEF.sub(
-        lambda m: m.group(0) if _link_ok(m.group(3)) else f"{m.group(1)}\\[{m.group(0)[len(m.group(1)) + 1:]}",
-        text,
-    )
+    return _REF_DEF.sub(lambda m: m.group(0) if _link_ok(m.group(1)) else "]\\" + m.group(0)[1:], text)
 
 
 def md_inline(text: str) -> str:
