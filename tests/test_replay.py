@@ -66,11 +66,13 @@ class Clock:
         return out
 
 
-def record_run(chat_server, tmp_path, listeners=()) -> tuple[moa_magic.MoaResult, Path]:
-    chat_server.script(model="a", reply=Reply(text="alpha one two three", delay=0.1, chunk_delay=0.05))
-    chat_server.script(model="b", reply=Reply(text="beta " * 8, delay=0.3, chunk_delay=0.02))
+def record_run(chat_server, tmp_path, listeners=(), pace: float = 1.0) -> tuple[moa_magic.MoaResult, Path]:
+    """A run with its timings (`pace` stretches every delay), saved to run.json."""
+    chat_server.script(model="a", reply=Reply(text="alpha one two three", delay=0.1 * pace,
+                                              chunk_delay=0.05 * pace))
+    chat_server.script(model="b", reply=Reply(text="beta " * 8, delay=0.3 * pace, chunk_delay=0.02 * pace))
     chat_server.script(model="c", reply=Reply(status=500), times=1)
-    chat_server.script(model="agg", reply=Reply(text="the final answer, slowly", chunk_delay=0.08))
+    chat_server.script(model="agg", reply=Reply(text="the final answer, slowly", chunk_delay=0.08 * pace))
     result = moa_magic.run("Tell me", preset="keyed", cache=False, listeners=list(listeners))
     path = tmp_path / "run.json"
     result.save(path)
@@ -92,7 +94,8 @@ def test_a_saved_run_loads_back_as_the_same_result(chat_server, config, tmp_path
 def test_replay_at_speed_one_keeps_the_recorded_timings_within_ten_percent(
         chat_server, config, tmp_path):
     recorded = Clock()
-    result, path = record_run(chat_server, tmp_path, [recorded])
+    # a run of ~2 s: 10 % of it is wider than a loaded machine's scheduling delays
+    result, path = record_run(chat_server, tmp_path, [recorded], pace=4)
     replayed = Clock()
     again = moa_magic.replay(path, listeners=[replayed])
     assert again.final == result.final and again.replay_of.startswith("replay of a run from")
@@ -104,7 +107,8 @@ def test_replay_at_speed_one_keeps_the_recorded_timings_within_ten_percent(
         for label in before:
             assert len(before[label]) == len(after[label]), (kind, label)
             for was, now in zip(before[label], after[label]):
-                assert abs(now - was) <= 0.1 * total, (kind, label, was, now)
+                # never ahead of the recording (the saved times are whole ms), late by < 10 %
+                assert was - 0.005 <= now <= was + 0.1 * total, (kind, label, was, now)
 
 
 def test_replay_speed_scales_the_timings(chat_server, config, tmp_path):
