@@ -60,7 +60,6 @@ def run_over(magics, args, cell: str, options: dict):
         import sys
 
         progress = TerminalProgress(sys.stdout)
-    magics.last_batch_progress = progress
     run = batching.BatchRun(plan, cfg, prompts, options.get("max_cost"))
     future, finished = batching.start(run)
     try:

@@ -173,7 +173,6 @@ class MoaMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.last_tree = None  # the last run's TreeRenderer (widget mode), for inspection
-        self.last_batch_progress = None  # the last --over batch's progress display
 
     # --- %%moa -----------------------------------------------------------------------------------
 
