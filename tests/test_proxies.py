@@ -201,6 +201,22 @@ def test_proxy_credentials_work_for_plain_http_too(chat_server, moa, monkeypatch
     assert PASSWORD not in done.stdout + done.stderr
 
 
+def test_proxy_credentials_echoed_back_are_never_shown(chat_server, moa, monkeypatch, tmp_path):
+    """A server (or a proxy's error page) quoting the request's headers quotes the proxy's
+    password in base64: as good as the password itself."""
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    chat_server.script(model="a", reply=Reply(status=400, error_body=(
+        f"bad request; you sent Proxy-Authorization: Basic {token}, that is {PASSWORD}")))
+    plain_http_config(chat_server.port, tmp_path, monkeypatch)
+    with ForwardProxy(upstream=("127.0.0.1", chat_server.port), credentials=(USER, PASSWORD)) as proxy:
+        done = moa({"HTTP_PROXY": with_credentials(proxy.url, USER, PASSWORD)})
+    assert proxy.refused == 0 and chat_server.requests_for("a")
+    line = failure_line(done)
+    assert "you sent Proxy-Authorization: Basic ***, that is ***" in line
+    for text in (done.stdout, done.stderr):
+        assert PASSWORD not in text and token[:12] not in text and token[-12:] not in text
+
+
 def test_a_plain_http_proxy_refusing_credentials_names_it_too(tls_server, moa, monkeypatch, tmp_path):
     plain_http_config(tls_server.port, tmp_path, monkeypatch)
     # refused before anything is forwarded, so the upstream's scheme does not matter

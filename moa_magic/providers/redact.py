@@ -7,7 +7,10 @@ Servers echo keys, whole or in part, in their error messages; model text may hol
 
 from __future__ import annotations
 
+import base64
 import re
+
+from yarl import URL
 
 from ..config import Provider
 from . import http
@@ -73,11 +76,23 @@ def redact(text: str, key: str | None) -> str:
 
 
 def secrets(provider: Provider, base_url: str) -> list[str]:
-    """What must never be shown for this call: the API key, a password in the base URL and the
-    base64 form of it we send (a server echoing its request headers would show that one)."""
-    _, password, basic = http.split_credentials(base_url)
-    encoded = basic.partition(" ")[2] if basic else None
-    return [s for s in (provider.api_key(), password, encoded) if s]
+    """What must never be shown for this call: the API key, and the passwords of the base URL and
+    of the environment's proxy for it, each also in the base64 form we send (a server or proxy
+    echoing its request headers would show that one)."""
+    found = [provider.api_key()]
+    for basic in (http.split_credentials(base_url)[2], _proxy_authorization(base_url)):
+        if basic:
+            encoded = basic.partition(" ")[2]
+            found += [encoded, base64.b64decode(encoded).decode("latin-1").partition(":")[2]]
+    return [s for s in found if s]
+
+
+def _proxy_authorization(base_url: str) -> str | None:
+    try:
+        _, headers = http.proxy_for(URL(base_url))
+    except (http.ProxyFailed, ValueError):  # the call fails on it, in a line that shows no password
+        return None
+    return (headers or {}).get("Proxy-Authorization")
 
 
 def scrub(text: str, provider: Provider, base_url: str) -> str:
