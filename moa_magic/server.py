@@ -235,9 +235,9 @@ class MoaServer:
         request[LOG_LINE] = ""
         response = None
         try:
-            if self.token and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), f"Bearer {self.token}".encode()
-            ):
+            # aiohttp keeps a header's bytes that are not UTF-8 as surrogates: compare them as bytes
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if self.token and not hmac.compare_digest(sent, f"Bearer {self.token}".encode()):
                 raise ApiError(401, f"missing or wrong bearer token (the server's {TOKEN_ENV})",
                                code="invalid_api_key")
             response = await handler(request)

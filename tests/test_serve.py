@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -225,6 +227,20 @@ def test_a_bearer_token_guards_the_server_and_no_callers_key_reaches_a_provider(
     for request in chat_server.chat_requests:
         assert request["headers"]["Authorization"] == f"Bearer {PROVIDER_KEY}"
         assert "s3cret-token" not in str(request)
+
+
+def test_a_token_in_bytes_that_are_not_utf8_is_a_401_not_a_crash(serve):
+    _, url = serve(token="s3cret-token")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                     b"Connection: close\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), reply
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
 
 
 def _serve_process(*args, env=None):
