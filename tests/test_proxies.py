@@ -125,6 +125,13 @@ def test_a_malformed_proxy_url_fails_in_one_line_naming_its_variable(proxy, tls_
     assert tls_server.chat_requests == []
 
 
+def test_a_socks_proxy_is_refused_in_one_line_not_ignored(tls_server, moa):
+    line = failure_line(moa({"HTTPS_PROXY": f"socks5://{USER}:{PASSWORD}@proxy.corp:1080"}))
+    assert "HTTPS_PROXY = 'socks5://***@proxy.corp:1080' is a socks5 proxy" in line, line
+    assert "only http:// and https:// proxies" in line and PASSWORD not in line
+    assert tls_server.chat_requests == []
+
+
 def test_an_untrusted_certificate_fails_in_one_line_naming_it(tls_server, moa):
     with ForwardProxy(upstream=("127.0.0.1", tls_server.port)) as proxy:
         done = moa({"HTTPS_PROXY": proxy.url})

@@ -121,6 +121,10 @@ def proxy_for(url: URL) -> tuple[str | None, dict | None]:
     except ValueError as exc:  # yarl checks the port and IPv6 brackets only here
         raise ProxyFailed(f"{proxy_setting(url)} = {redact_url(proxy)!r} is not a valid proxy URL "
                           f"({exc}); fix or unset it", retryable=False) from None
+    if parsed.scheme not in ("http", "https"):  # aiohttp speaks to HTTP proxies only
+        raise ProxyFailed(f"{proxy_setting(url)} = {redact_url(proxy)!r} is a {parsed.scheme} proxy, "
+                          f"and moa-magic can use only http:// and https:// proxies: name one, or "
+                          f"unset it", retryable=False)
     headers = None
     if parsed.user is not None or parsed.password is not None:
         headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(parsed.user or "",
