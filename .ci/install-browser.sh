@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the browser tests (tests/browser, marker `browser`) need:
 #   - Debian's chromium (Playwright drives it via executable_path=/usr/bin/chromium)
-#   - jupyterlab + playwright (the `browser` extra) into the active Python env
+#   - jupyterlab, notebook 7 + playwright (the `browser` extra) into the active Python env
 #   - an ipykernel kernelspec inside that env, so JupyterLab's "python3" kernel
 #     is the env's own interpreter.
 # Idempotent. Never runs `playwright install` (no browser downloads here).
@@ -25,7 +25,7 @@ if [ ! -x /usr/bin/chromium ]; then
     $SUDO apt-get install -y --no-install-recommends chromium fonts-dejavu-core
 fi
 
-if ! "$PY" -c 'import jupyterlab, playwright, nbformat, pytest_timeout' >/dev/null 2>&1; then
+if ! "$PY" -c 'import jupyterlab, notebook, playwright, nbformat, pytest_timeout' >/dev/null 2>&1; then
     "$PY" -m pip install -q -e ".[browser,test]"
 fi
 

@@ -23,7 +23,7 @@ import lab as lab_mod  # noqa: E402
 def _missing() -> str | None:
     if not Path(lab_mod.CHROMIUM).exists():
         return f"{lab_mod.CHROMIUM} not installed"
-    for mod in ("playwright", "jupyterlab", "ipywidgets", "nbformat"):
+    for mod in ("playwright", "jupyterlab", "notebook", "ipywidgets", "nbformat"):
         if importlib.util.find_spec(mod) is None:
             return f"python package {mod} not installed"
     return None

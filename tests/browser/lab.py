@@ -17,6 +17,11 @@ i.e. the venv's own interpreter.  The lab is started with
 ``--LabApp.expose_app_in_browser=True`` so helpers can call JupyterLab commands
 through ``window.jupyterapp``.
 
+The same server also serves Notebook 7 (the ``notebook`` package, a jupyter_server extension
+enabled by its install) at ``/notebooks/NAME``; its app is exposed the same way, and Notebook 7 is
+built from JupyterLab's parts (the same commands, ``shell.currentWidget`` and DOM classes), so
+every helper here works in both: pass ``ui="notebook"`` where a page is opened.
+
 Nothing here touches the network beyond 127.0.0.1: news/announcements and the
 update check are off, the extension manager is read-only, Chromium runs with
 background networking, component updates, sync and QUIC disabled.
@@ -126,7 +131,10 @@ class Lab:
     started_in: float = 0.0
     _kernel_pids: set[int] = field(default_factory=set)
 
-    def notebook_url(self, name: str) -> str:
+    def notebook_url(self, name: str, ui: str = "lab") -> str:
+        """NAME in JupyterLab (``ui="lab"``) or in Notebook 7's one-document page (``"notebook"``)."""
+        if ui == "notebook":
+            return f"{self.url}notebooks/{name}?token={self.token}"
         return f"{self.url}lab/tree/{name}?token={self.token}&reset"
 
     def api(self, path: str, method: str = "GET", body: dict | None = None, timeout: float = 10):
@@ -274,6 +282,7 @@ def running_lab(
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         "--LabApp.extension_manager=readonly",
         "--LabApp.expose_app_in_browser=True",
+        "--JupyterNotebookApp.expose_app_in_browser=True",
         f"--LabApp.workspaces_dir={home / 'workspaces'}",
         f"--LabApp.user_settings_dir={home / 'settings'}",
         "--ServerApp.jpserver_extensions={'jupyter_lsp': False}",
@@ -470,9 +479,9 @@ def _dismiss_kernel_dialog(page) -> bool:
     return True
 
 
-def open_notebook(page, lab: Lab, name: str, timeout: float = 90.0) -> None:
-    """Open NAME in the lab, wait for the panel and an idle, connected kernel."""
-    page.goto(lab.notebook_url(name), wait_until="domcontentloaded")
+def open_notebook(page, lab: Lab, name: str, timeout: float = 90.0, ui: str = "lab") -> None:
+    """Open NAME in the lab (or Notebook 7: ``ui="notebook"``), wait for an idle, connected kernel."""
+    page.goto(lab.notebook_url(name, ui), wait_until="domcontentloaded")
     page.wait_for_function("() => !!window.jupyterapp", timeout=timeout * 1000)
     page.wait_for_selector(SEL["notebook"], timeout=timeout * 1000)
     deadline = time.monotonic() + timeout
@@ -556,12 +565,12 @@ def close_current(page) -> None:
     )
 
 
-def restart_kernel_and_reopen(page, lab: Lab, name: str) -> None:
+def restart_kernel_and_reopen(page, lab: Lab, name: str, ui: str = "lab") -> None:
     """Restart the kernel, close the tab, reload the page and reopen NAME from disk."""
     restart_kernel(page)
     close_current(page)
     page.wait_for_timeout(200)
-    open_notebook(page, lab, name)
+    open_notebook(page, lab, name, ui=ui)
 
 
 def screenshot(page, path: Path | str, full_page: bool = True) -> Path:
