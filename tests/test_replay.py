@@ -172,6 +172,7 @@ def test_a_bad_file_is_one_clear_line(tmp_path, content, message):
     ("cost_usd", "0.01", "a call's cost_usd is '0.01', not a number"),
     ("usage", [3, 4], "a call's usage is [3, 4], not an object"),
     ("error", {"message": "x"}, "a call's error is {'message': 'x'}, not text"),
+    ("status", "done x", "a status is 'done x', not one of waiting, streaming, done, failed"),
 ])
 def test_a_call_field_of_the_wrong_type_is_one_clear_line(chat_server, config, tmp_path, field,
                                                           value, message):

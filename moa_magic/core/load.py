@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import MoaUserError
 from .judge import Judgement
-from .result import CallRecord, MoaResult
+from .result import CallRecord, MoaResult, Status
 from .saved import FORMAT, VERSION, Timeline
 
 
@@ -50,7 +50,7 @@ def _record(data: dict) -> CallRecord:
     return CallRecord(
         layer=int(data["layer"]), index=int(data["index"]), model=str(data["model"]),
         role=str(data["role"]), temperature=data["temperature"], max_tokens=data["max_tokens"],
-        seed=data.get("seed"), messages=list(data.get("messages") or []), status=str(data["status"]),
+        seed=data.get("seed"), messages=list(data.get("messages") or []), status=_status(data, CALL_STATUSES),
         text=str(data.get("text") or ""), error=_text(data, "error"), usage=_usage(data),
         prompt_tokens=counted.get("prompt_tokens"),
         completion_tokens=int(counted.get("completion_tokens") or 0),
@@ -70,6 +70,18 @@ def _number(data: dict, name: str) -> float | None:
     value = data.get(name)
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise ValueError(f"a call's {name} is {value!r:.40}, not a number")
+    return value
+
+
+CALL_STATUSES = (*Status.PENDING, *Status.ENDED, Status.SKIPPED)
+RUN_STATUSES = (Status.RUNNING, *Status.ENDED)
+
+
+def _status(data: dict, allowed: tuple[str, ...]) -> str:
+    """One of `allowed`: a status also names a CSS class and picks a colour in every view."""
+    value = data["status"]
+    if value not in allowed:
+        raise ValueError(f"a status is {value!r:.40}, not one of {', '.join(allowed)}")
     return value
 
 
@@ -123,7 +135,7 @@ def _result(data: dict) -> MoaResult:
         history=[{"role": str(m["role"]), "content": str(m["content"])}
                  for m in data.get("history") or []],
         layers=[[_record(r) for r in layer] for layer in data["layers"]],
-        aggregator=_record(data["aggregator"]), status=str(data["status"]), error=data.get("error"),
+        aggregator=_record(data["aggregator"]), status=_status(data, RUN_STATUSES), error=data.get("error"),
         started=float(data.get("started_at") or 0.0),
         elapsed_s=float((data.get("totals") or {}).get("elapsed_s") or 0.0),
         layer_seconds=[float(s) for s in data.get("layer_seconds") or []],
