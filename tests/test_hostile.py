@@ -458,3 +458,20 @@ def test_widget_count_stays_flat_over_many_runs_in_a_shell(chat_server, moa_conf
         assert counts[-1] == counts[30] == counts[45], counts
     finally:
         ip.run_line_magic("unload_ext", "moa_magic")
+
+
+def test_a_server_echoing_a_password_with_non_ascii_letters_does_not_leak_it(
+    chat_server, tmp_path, monkeypatch
+):
+    """The basic-auth header carries the password in UTF-8: read back from it in another encoding,
+    the password to redact was a different string and the echoed one showed."""
+    password = "päss-wörd-very-secret"
+    chat_server.script(model="a", reply=Reply(status=400, error_body=f"wrong password {password}"))
+    url = chat_server.url.replace("http://", "http://alice:p%C3%A4ss-w%C3%B6rd-very-secret@")
+    result, error = one_call(url, tmp_path, monkeypatch)
+    sent = chat_server.requests_for("a")[0]["headers"]["Authorization"]
+    assert base64.b64decode(sent.split()[1]).decode() == f"alice:{password}"
+    shown = result.layers[0][0].error
+    assert shown.startswith("HTTP 400 from p: wrong password ***"), shown
+    for text in (shown, str(error), json.dumps(result.to_dict(), ensure_ascii=False)):
+        assert "wörd" not in text

@@ -83,7 +83,9 @@ def secrets(provider: Provider, base_url: str) -> list[str]:
     for basic in (http.split_credentials(base_url)[2], _proxy_authorization(base_url)):
         if basic:
             encoded = basic.partition(" ")[2]
-            found += [encoded, base64.b64decode(encoded).decode("latin-1").partition(":")[2]]
+            # aiohttp.encode_basic_auth writes user:password in UTF-8: read back in another
+            # encoding, a password with non-ASCII letters would not be the one a server echoes
+            found += [encoded, base64.b64decode(encoded).decode("utf-8").partition(":")[2]]
     return [s for s in found if s]
 
 
