@@ -117,7 +117,9 @@ def test_https_streams_through_the_proxy_tunnel_with_the_certificate_checked(
 
 
 @pytest.mark.parametrize("proxy", [f"http://{USER}:{PASSWORD}@proxy.corp:31x8",
-                                   f"http://{USER}:{PASSWORD}@[::1:3128"])
+                                   f"http://{USER}:{PASSWORD}@[::1:3128",
+                                   # a ':' in the user name cannot be sent in basic auth (RFC 7617)
+                                   f"http://corp%3A{USER}:{PASSWORD}@proxy.corp:3128"])
 def test_a_malformed_proxy_url_fails_in_one_line_naming_its_variable(proxy, tls_server, moa):
     line = failure_line(moa({"HTTPS_PROXY": proxy}))
     assert "HTTPS_PROXY = 'http://***@" in line and "is not a valid proxy URL" in line, line

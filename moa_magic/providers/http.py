@@ -116,21 +116,23 @@ def proxy_for(url: URL) -> tuple[str | None, dict | None]:
     proxy = proxies.get(url.scheme) or proxies.get("all")
     if not proxy or urllib.request.proxy_bypass_environment(url.host or "", proxies):
         return None, None
+
+    def unusable(problem: str) -> ProxyFailed:
+        return ProxyFailed(f"{proxy_setting(url)} = {redact_url(proxy)!r} {problem}", retryable=False)
+
     try:
         parsed = URL(proxy if "://" in proxy else f"http://{proxy}")
-    except ValueError as exc:  # yarl checks the port and IPv6 brackets only here
-        raise ProxyFailed(f"{proxy_setting(url)} = {redact_url(proxy)!r} is not a valid proxy URL "
-                          f"({exc}); fix or unset it", retryable=False) from None
+        credentials = None
+        if parsed.user is not None or parsed.password is not None:
+            credentials = aiohttp.encode_basic_auth(parsed.user or "", parsed.password or "")
+    # yarl checks the port and IPv6 brackets only here; basic auth cannot carry a ':' in the user
+    except ValueError as exc:
+        raise unusable(f"is not a valid proxy URL ({exc}); fix or unset it") from None
     if parsed.scheme not in ("http", "https"):  # aiohttp speaks to HTTP proxies only
-        raise ProxyFailed(f"{proxy_setting(url)} = {redact_url(proxy)!r} is a {parsed.scheme} proxy, "
-                          f"and moa-magic can use only http:// and https:// proxies: name one, or "
-                          f"unset it", retryable=False)
-    headers = None
-    if parsed.user is not None or parsed.password is not None:
-        headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(parsed.user or "",
-                                                                    parsed.password or "")}
-        parsed = parsed.with_user(None)
-    return str(parsed), headers
+        raise unusable(f"is a {parsed.scheme} proxy, and moa-magic can use only http:// and "
+                       f"https:// proxies: name one, or unset it")
+    headers = None if credentials is None else {"Proxy-Authorization": credentials}
+    return str(parsed.with_user(None)), headers
 
 
 async def post(url: str, **kwargs) -> aiohttp.ClientResponse:
