@@ -274,6 +274,24 @@ def test_model_text_is_stripped_in_the_terminal(chat_server, moa_config):
     _assert_inert(result_text(result))
 
 
+def test_a_doctored_saved_run_replayed_on_the_terminal_stays_inert(chat_server, moa_config, tmp_path):
+    """A saved file is untrusted: its model names and error go to the progress lines of
+    `moa replay` (stderr) as plain text."""
+    moa_magic.run("q", preset="fake").save(tmp_path / "run.json")
+    data = json.loads((tmp_path / "run.json").read_text("utf-8"))
+    for record in [*data["layers"][0], data["aggregator"]]:
+        record["model"] = "fake:\x1b]0;pwned title\x07m\x1b[2J"
+    data["status"], data["error"] = "failed", "gone \x1b]8;;https://evil.example/\x07here\x1b]8;;\x07"
+    (tmp_path / "run.json").write_text(json.dumps(data), "utf-8")
+    done = subprocess.run([sys.executable, "-m", "moa_magic", "replay", str(tmp_path / "run.json"),
+                           "--speed", "50"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    _assert_inert(done.stdout)
+    _assert_inert(done.stderr)
+    assert "… aggregator fake:m" in done.stderr and "pwned" not in done.stderr
+    assert "moa: the recorded run ended failed: gone here" in done.stderr
+
+
 @pytest.mark.parametrize("text", HOSTILE_CHUNKS + ["".join(HOSTILE_CHUNKS)])
 def test_terminal_safe_leaves_no_control_characters(text):
     _assert_inert(terminal_safe(text))

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from ..core.replay import replay
     from ..errors import MoaUserError
-    from ..render.terminal import TerminalRenderer
+    from ..render.terminal import TerminalRenderer, terminal_safe
 
     args = build_parser().parse_args(argv)
     renderer = TerminalRenderer(
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     if not result.ok:
-        print(f"moa: the recorded run ended {result.status}: {result.error}", file=sys.stderr)
+        print(f"moa: the recorded run ended {result.status}: {terminal_safe(str(result.error))}",
+              file=sys.stderr)
         return 1
     return 0

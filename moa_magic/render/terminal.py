@@ -68,7 +68,10 @@ class TerminalRenderer:
         self._reasons: dict[str, str] = {}  # error -> label of the first call that failed so
 
     def _line(self, text: str) -> None:
+        """A progress line; made terminal-safe here, as it names models (from a config or a saved
+        file) and servers' errors."""
         if self.progress is not None:
+            text = terminal_safe(text)
             # progress and answer on one screen (terminal IPython, a shell's stderr and stdout): a
             # line while the answer streams (a staircase step, a proposer ending) gets its own line
             if self._answer_midline and self._one_screen:
@@ -83,12 +86,12 @@ class TerminalRenderer:
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             r = self._result = event.result
-            self._line(f"moa · {terminal_safe(run_label(r))} · {r.shape}{history_note(r)}")
+            self._line(f"moa · {run_label(r)} · {r.shape}{history_note(r)}")
         elif isinstance(event, CallStarted):
             rec = event.record
             if rec.role == "aggregator":
                 stair = f" · {step_line(rec)}" if rec.steps else ""
-                self._line(f"  … aggregator {rec.model}{terminal_safe(stair)}")
+                self._line(f"  … aggregator {rec.model}{stair}")
             else:
                 self._line(f"  … {rec.label} {rec.model}")
         elif isinstance(event, TextDelta) and event.record.role == "aggregator":
@@ -104,13 +107,13 @@ class TerminalRenderer:
                     self._answer_midline = not text.endswith("\n")
                 self.answer.flush()
         elif isinstance(event, CallStep):
-            self._line(f"  ⋯ {event.record.label} {terminal_safe(step_line(event.record))}")
+            self._line(f"  ⋯ {event.record.label} {step_line(event.record)}")
         elif isinstance(event, CallRetrying):
             rec = event.record
             if rec.role == "aggregator" and self._answer_started:
                 self.answer.write("\n[retrying from scratch]\n")
             self._line(
-                f"  ↻ {rec.label} {rec.model}: {terminal_safe(event.reason)}; "
+                f"  ↻ {rec.label} {rec.model}: {event.reason}; "
                 f"retry {event.attempt} in {event.delay_s:.1f}s"
             )
         elif isinstance(event, (CallFinished, CallFailed)):
@@ -127,7 +130,7 @@ class TerminalRenderer:
             if error:  # a reason said once per run: later calls failing alike point to the first
                 first = self._reasons.setdefault(error, rec.label)
                 error = error if first == rec.label else f"same as {first}"
-            self._line(f"  {mark} {rec.label} {terminal_safe(call_summary(rec, error))}")
+            self._line(f"  {mark} {rec.label} {call_summary(rec, error)}")
         elif isinstance(event, LayerFinished) and self.proposers and self.answer is not None:
             if event.records and event.records[0].role != "aggregator":
                 blocks = "\n\n".join(proposer_block(r, r.error) for r in event.records)
