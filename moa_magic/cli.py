@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and exc.result is not None:
             print(json.dumps(exc.result.to_dict(), indent=2, ensure_ascii=False))
         _save(args.save, exc.result)
-        print(f"moa: {exc}", file=sys.stderr)
+        from .render.terminal import terminal_safe
+
+        print(f"moa: {terminal_safe(str(exc))}", file=sys.stderr)  # it quotes the servers' errors
         return 1
     except KeyboardInterrupt:
         from .core.runner import last_result

@@ -292,6 +292,22 @@ def test_a_doctored_saved_run_replayed_on_the_terminal_stays_inert(chat_server, 
     assert "moa: the recorded run ended failed: gone here" in done.stderr
 
 
+def test_the_clis_last_line_quotes_a_servers_error_inert(chat_server, moa_config):
+    """A failed run's one `moa:` line quotes the proposers' errors: a server's text."""
+    for model in "abc":
+        chat_server.script(model=model, status=400,
+                           error_body={"error": {"message": "bad \x1b]0;pwned title\x07 request"}})
+    done = subprocess.run([sys.executable, "-m", "moa_magic", "--preset", "fake", "q"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    _assert_inert(done.stderr)
+    assert done.stderr.splitlines()[-1].endswith("HTTP 400 from fake: bad  request")
+    chat = subprocess.run([sys.executable, "-m", "moa_magic", "chat", "--preset", "fake"], input="q\n",
+                          capture_output=True, text=True, timeout=60)
+    assert chat.returncode == 0 and "(this turn is not in the history)" in chat.stderr
+    _assert_inert(chat.stderr)
+
+
 @pytest.mark.parametrize("text", HOSTILE_CHUNKS + ["".join(HOSTILE_CHUNKS)])
 def test_terminal_safe_leaves_no_control_characters(text):
     _assert_inert(terminal_safe(text))

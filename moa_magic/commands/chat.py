@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
 def _turn(chat, text: str, args) -> None:
     """One turn; a turn that fails or is interrupted is reported and the chat goes on."""
     from ..errors import RunFailed
-    from ..render.terminal import TerminalRenderer
+    from ..render.terminal import TerminalRenderer, terminal_safe
 
     if args.dry_run:
         print(chat.estimate(text).text(), flush=True)
@@ -65,7 +65,8 @@ def _turn(chat, text: str, args) -> None:
     try:
         chat.send(text, listeners=[renderer])
     except RunFailed as exc:
-        print(f"moa: {exc} (this turn is not in the history)", file=sys.stderr, flush=True)
+        print(f"moa: {terminal_safe(str(exc))} (this turn is not in the history)", file=sys.stderr,
+              flush=True)
     except KeyboardInterrupt:
         print("\nmoa: turn cancelled (not in the history)", file=sys.stderr, flush=True)
     sys.stdout.flush()
