@@ -335,7 +335,7 @@ class Reply:
         self.ident = f"chatcmpl-moa-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.stream: web.StreamResponse | None = None
-        self.sent_text = False
+        self.sent_chars = 0
 
     def chunk(self, delta: dict, finish_reason=None, **extra) -> dict:
         return {"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
@@ -362,12 +362,12 @@ class Reply:
         if isinstance(event, CallStarted):
             await self.open_stream()
         elif isinstance(event, CallRetrying):
-            if self.sent_text:  # text already sent cannot be taken back: end with an error
-                raise ApiError(502, f"the aggregator's stream broke and was retried from scratch "
+            if self.sent_chars > event.kept_chars:  # sent text cannot be taken back: end with an error
+                raise ApiError(502, f"the aggregator's stream broke and was retried "
                                     f"({event.reason}); retry the request", type_="server_error",
                                code="provider_failed")
         elif self.stream is not None and event.text:
-            self.sent_text = True
+            self.sent_chars += len(event.text)
             await self.send(self.chunk({"content": event.text}))
 
     async def finish(self, result, broken: ApiError | None = None) -> web.StreamResponse:

@@ -10,7 +10,7 @@ import pytest
 import moa_magic
 from chat_server import Reply
 from helpers import (
-    FAKE_PROVIDER, NO_RETRIES, STAIR_PRESET, STAIR_WORDS, stair_aggregator, stair_server,
+    FAKE_PROVIDER, NO_RETRIES, STAIR_PRESET, STAIR_WORDS, answer_so_far, stair_aggregator, stair_server,
 )
 from moa_magic.errors import MoaUserError
 
@@ -95,3 +95,58 @@ def test_builtin_providers_that_continue_a_prefix():
 
     providers = load_config(None).providers
     assert {n for n, p in providers.items() if p.prefill} == {"local", "llamacpp", "vllm", "mistral"}
+
+
+def test_a_retried_step_drops_only_its_own_text_for_every_listener(write_moa_toml, chat_server,
+                                                                    tmp_path):
+    """Step 2's stream breaks after text and is retried: the answer before it stays, and every
+    listener (and the saved run's replay) drops exactly the broken step's text."""
+    import io
+
+    from moa_magic.core.events import CallRetrying, CallStep, TextDelta
+    from moa_magic.render.terminal import TerminalRenderer
+
+    stair_server(write_moa_toml, chat_server, stair_aggregator(3))
+    retries = "[settings]\nretries = 1\nbackoff_base = 0\n"
+    write_moa_toml("\n".join([FAKE_PROVIDER + 'prefill = "trailing"\n', retries, STAIR_PRESET]))
+    chat_server.clear_script()
+    chat_server.script(model="agg", match=lambda body: answer_so_far(body) == " s1", times=1,
+                       chunks=[" s2", " BROKEN", " BROKEN2", " never"], break_after=3)
+    chat_server.script(model="agg", reply=stair_aggregator(3))
+
+    def rebuilt():
+        """A listener that rebuilds the answer from the events alone; the answer it holds (in a
+        one-item list) and a list of what it held as each later step went out."""
+        text, at_steps = [""], []
+
+        def listener(event) -> None:
+            if getattr(event, "record", None) is None or event.record.role != "aggregator":
+                return
+            if isinstance(event, TextDelta):
+                text[0] += event.text
+            elif isinstance(event, CallRetrying):
+                text[0] = text[0][:event.kept_chars]
+            elif isinstance(event, CallStep):
+                at_steps.append(text[0])
+        return listener, text, at_steps
+
+    live, live_text, live_steps = rebuilt()
+    progress, answer = io.StringIO(), io.StringIO()
+    seen = []
+    result = moa_magic.run("Explain", preset="stair", staircase=True, staircase_chunk=4,
+                           listeners=[live, seen.append, TerminalRenderer(progress, answer)])
+    assert result.ok, result.error
+    assert result.final == " s1 s2 s3 end." == live_text[0]
+    (retry,) = [e for e in seen if isinstance(e, CallRetrying)]
+    assert retry.record is result.aggregator and retry.kept_chars == len(" s1")
+    assert live_steps[:3] == [" s1", " s1 s2", " s1 s2 s3"]
+    assert "fake stream broke" in result.aggregator.retries[0]
+    assert answer.getvalue().startswith(
+        " s1 s2 BROKEN BROKEN2\n[staircase step 2 retried: its text so far is dropped]\n s2 s3 end.\n")
+    assert "↻ aggregator fake:agg: fake stream broke" in progress.getvalue()
+
+    result.save(tmp_path / "run.json")
+    replayed, replayed_text, replayed_steps = rebuilt()
+    again = moa_magic.replay(tmp_path / "run.json", speed=100, listeners=[replayed])
+    assert again.final == replayed_text[0] == result.final
+    assert replayed_steps == live_steps

@@ -133,8 +133,9 @@ class Meter:
             event.record.prompt_tokens += tokens.count_messages(model, event.step["messages"])
         elif isinstance(event, TextDelta):
             event.record.completion_tokens += tokens.count_text(self._call(event.record).model, event.text)
-        elif isinstance(event, CallRetrying):
-            event.record.completion_tokens = 0
+        elif isinstance(event, CallRetrying):  # its text is cut back to what it keeps already
+            record = event.record
+            record.completion_tokens = tokens.count_text(self._call(record).model, record.text)
         elif isinstance(event, CallFinished):
             self._finish(event.record)
         elif isinstance(event, CallFailed):

@@ -32,12 +32,15 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class CallRetrying:
-    """The call's text so far is discarded; it starts again after `delay_s`."""
+    """The call starts again after `delay_s`; its text is cut back to its first `kept_chars`
+    characters (0: from scratch; more when a staircase step is retried, core/staircase.py, and
+    the answer before that step stays)."""
 
     record: CallRecord
     attempt: int
     reason: str
     delay_s: float
+    kept_chars: int = 0
 
 
 @dataclass(frozen=True)

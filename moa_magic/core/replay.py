@@ -86,10 +86,15 @@ class Replay:
             if times is None or times.start is None:
                 continue
             at(times.start, lambda o=original, r=live: self._start(o, r))
-            for when, attempt, reason, delay in times.retries:
-                at(when, lambda r=live, a=attempt, why=reason, d=delay: self._retry(r, a, why, d))
-            offset, last = 0, times.start
             later_steps = _step_starts(original)
+            for when, attempt, reason, delay, kept in times.retries:
+                # a retried staircase step keeps the answer before it: the steps up to it went out
+                while kept and later_steps and later_steps[0][0] <= kept:
+                    _, step = later_steps.pop(0)
+                    at(when, lambda r=live, s=step: self._step(r, s))
+                at(when, lambda o=original, r=live, a=attempt, why=reason, d=delay, k=kept:
+                   self._retry(o, r, a, why, d, k))
+            offset, last = 0, times.start
             for when, chars in zip(times.chunk_at, times.chunk_chars):
                 while later_steps and later_steps[0][0] <= offset:  # the step that writes this piece
                     _, step = later_steps.pop(0)
@@ -144,18 +149,20 @@ class Replay:
         live.steps.append(dict(step))
         self.emit(CallStep(live, live.steps[-1]))
 
-    def _retry(self, live: CallRecord, attempt: int, reason: str, delay: float) -> None:
-        live.text, live.completion_tokens, live.ttft_s = "", 0, None
+    def _retry(self, original: CallRecord, live: CallRecord, attempt: int, reason: str, delay: float,
+               kept: int) -> None:
+        live.text = live.text[:kept]
+        _count_tokens(original, live)
+        if not kept:
+            live.ttft_s = None
         live.retries.append(reason)
-        self.emit(CallRetrying(live, attempt, reason, delay / self.speed))
+        self.emit(CallRetrying(live, attempt, reason, delay / self.speed, kept_chars=kept))
 
     def _delta(self, original: CallRecord, live: CallRecord, piece: str) -> None:
         live.text += piece
         if live.ttft_s is None:
             live.ttft_s = original.ttft_s
-        # the count grows with the text, ending at the recorded count, with no tokenizer needed
-        share = len(live.text) / len(original.text) if original.text else 1.0
-        live.completion_tokens = round(original.completion_tokens * min(1.0, share))
+        _count_tokens(original, live)
         self.emit(TextDelta(live, piece))
 
     def _end(self, original: CallRecord, live: CallRecord) -> None:
@@ -180,6 +187,12 @@ class Replay:
                     setattr(live, name, copy.copy(getattr(original, name)))
         self.result.layer_seconds = list(self.saved.layer_seconds)
         self.result.status, self.result.error = self.saved.status, self.saved.error
+
+
+def _count_tokens(original: CallRecord, live: CallRecord) -> None:
+    """The count grows with the text, ending at the recorded count, with no tokenizer needed."""
+    share = len(live.text) / len(original.text) if original.text else 1.0
+    live.completion_tokens = round(original.completion_tokens * min(1.0, share))
 
 
 def _step_starts(record: CallRecord) -> list[tuple[int, dict]]:

@@ -4,7 +4,8 @@ A saved run is the `--json` object plus a header (`format`, `version`, when it r
 and a `timeline`: per call (in `result.calls()` order) when it started and ended, in milliseconds
 from the run's start, and its streamed chunks as two flat lists, milliseconds from the call's
 start and characters, so a long answer costs a few bytes per chunk. Retries are kept with their
-time, attempt, reason and delay.
+time, attempt, reason and delay, and the characters of text kept when more than none (a retried
+staircase step keeps the answer before it); the chunks of text a retry dropped are not kept.
 
 The `Recorder` is a listener every run gets (runner.start): it only timestamps events.
 """
@@ -39,7 +40,18 @@ class CallTimes:
     end: float | None = None
     chunk_at: list[float] = field(default_factory=list)
     chunk_chars: list[int] = field(default_factory=list)
-    retries: list[tuple[float, int, str, float]] = field(default_factory=list)
+    retries: list[tuple[float, int, str, float, int]] = field(default_factory=list)
+
+    def cut(self, chars: int) -> None:
+        """Keep only the chunks of the text's first `chars` characters: a retry dropped the rest."""
+        at, sizes = [], []
+        for when, size in zip(self.chunk_at, self.chunk_chars):
+            if chars <= 0:
+                break
+            at.append(when)
+            sizes.append(min(size, chars))
+            chars -= size
+        self.chunk_at, self.chunk_chars = at, sizes
 
 
 @dataclass
@@ -64,7 +76,10 @@ class Timeline:
             return {
                 "start_ms": ms(times.start), "end_ms": ms(times.end),
                 "chunk_ms": [ms(t) for t in times.chunk_at], "chunk_chars": times.chunk_chars,
-                "retries": [[ms(t), attempt, reason, delay] for t, attempt, reason, delay in times.retries],
+                # kept characters only when some are: a file without staircase retries stays as
+                # readers from before them expect
+                "retries": [[ms(t), attempt, reason, delay, *([kept] if kept else [])]
+                            for t, attempt, reason, delay, kept in times.retries],
             }
 
         data = {"calls": [entry(r) for r in result.calls()], "layers_ms": [ms(t) for t in self.layers],
@@ -93,7 +108,8 @@ class Timeline:
                 end=None if entry["end_ms"] is None else entry["end_ms"] / 1000,
                 chunk_at=[t / 1000 for t in entry["chunk_ms"]],
                 chunk_chars=[int(n) for n in entry["chunk_chars"]],
-                retries=[(t / 1000, int(a), str(r), float(d)) for t, a, r, d in entry["retries"]],
+                retries=[(t / 1000, int(a), str(r), float(d), int(kept[0]) if kept else 0)
+                         for t, a, r, d, *kept in entry["retries"]],
             )
         return timeline
 
@@ -150,10 +166,9 @@ class Recorder:
             times.chunk_at.append(now - (times.start or 0.0))
             times.chunk_chars.append(len(event.text))
         elif isinstance(event, CallRetrying):
-            times = timeline.call(event.record)  # the text so far is gone; so are its chunks
-            times.chunk_at.clear()
-            times.chunk_chars.clear()
-            times.retries.append((now, event.attempt, event.reason, event.delay_s))
+            times = timeline.call(event.record)  # the text it drops is gone; so are its chunks
+            times.cut(event.kept_chars)
+            times.retries.append((now, event.attempt, event.reason, event.delay_s, event.kept_chars))
         elif isinstance(event, (CallFinished, CallFailed)):
             timeline.call(event.record).end = now
         elif isinstance(event, LayerFinished):

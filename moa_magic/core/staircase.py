@@ -10,8 +10,9 @@ or when the aggregator's max_tokens are used up.
 
 The aggregator's record keeps one entry per step in `steps` (what each chunk of the answer saw:
 characters of each proposer's text) and is one call to every listener: CallStarted once,
-TextDelta for its text, CallStep for each later step (the meter counts each step's input), then
-CallFinished or CallFailed.
+TextDelta for its text, CallStep for each later step (the meter counts each step's input),
+CallRetrying with `kept_chars` (the answer before the step) when a step's stream breaks and the
+step is sent again, then CallFinished or CallFailed.
 
 Which servers continue a prefix is the provider's `prefill` (config.py): llama.cpp's llama-server
 and the embedded model continue a trailing assistant message, vLLM needs continue_final_message,
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MoaUserError
 from . import method
-from .events import CallFinished, CallStarted, CallStep, LayerFinished, TextDelta
+from .events import CallFinished, CallRetrying, CallStarted, CallStep, LayerFinished, TextDelta
 from .result import CallRecord, Status
 
 if TYPE_CHECKING:
@@ -154,8 +155,11 @@ async def _steps(engine: Engine, call: ModelCall, record: CallRecord, records, p
 
             def on_retry(attempt: int, reason: str, delay: float) -> None:
                 record.text = so_far  # the step starts again; the answer before it stays
+                if not so_far:
+                    record.ttft_s = None
                 pieces.clear()
                 record.retries.append(reason)
+                engine.emit(CallRetrying(record, attempt, reason, delay, kept_chars=len(so_far)))
 
             try:
                 reply = await engine._request(call, urls[call.provider.name], body, on_delta, on_retry)

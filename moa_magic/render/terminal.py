@@ -110,8 +110,11 @@ class TerminalRenderer:
             self._line(f"  ⋯ {event.record.label} {step_line(event.record)}")
         elif isinstance(event, CallRetrying):
             rec = event.record
-            if rec.role == "aggregator" and self._answer_started:
-                self.answer.write("\n[retrying from scratch]\n")
+            if rec.role == "aggregator" and self._answer_started:  # printed text stays printed
+                marker = (f"staircase step {rec.steps[-1]['step']} retried: its text so far is dropped"
+                          if event.kept_chars else "retrying from scratch")
+                self.answer.write(f"\n[{marker}]\n")
+                self._answer_midline = False
             self._line(
                 f"  ↻ {rec.label} {rec.model}: {event.reason}; "
                 f"retry {event.attempt} in {event.delay_s:.1f}s"
