@@ -102,9 +102,12 @@ def test_a_retried_step_drops_only_its_own_text_for_every_listener(write_moa_tom
     """Step 2's stream breaks after text and is retried: the answer before it stays, and every
     listener (and the saved run's replay) drops exactly the broken step's text."""
     import io
+    import json
 
+    from moa_magic.core import runner
     from moa_magic.core.events import CallRetrying, CallStep, TextDelta
     from moa_magic.render.terminal import TerminalRenderer
+    from moa_magic.render.widgets import TreeRenderer
 
     stair_server(write_moa_toml, chat_server, stair_aggregator(3))
     retries = "[settings]\nretries = 1\nbackoff_base = 0\n"
@@ -132,13 +135,21 @@ def test_a_retried_step_drops_only_its_own_text_for_every_listener(write_moa_tom
 
     live, live_text, live_steps = rebuilt()
     progress, answer = io.StringIO(), io.StringIO()
-    seen = []
+    tree = TreeRenderer.for_plan(runner.prepare("Explain", preset="stair", staircase=True)[0])
+    seen, shown = [], []  # the tree's answer as the retry leaves it
+
+    def after_the_tree(event) -> None:
+        seen.append(event)
+        if isinstance(event, CallRetrying):
+            shown.append(tree.final_widget.value)
+
     result = moa_magic.run("Explain", preset="stair", staircase=True, staircase_chunk=4,
-                           listeners=[live, seen.append, TerminalRenderer(progress, answer)])
+                           listeners=[live, tree, after_the_tree, TerminalRenderer(progress, answer)])
     assert result.ok, result.error
     assert result.final == " s1 s2 s3 end." == live_text[0]
     (retry,) = [e for e in seen if isinstance(e, CallRetrying)]
     assert retry.record is result.aggregator and retry.kept_chars == len(" s1")
+    assert "s1" in shown[0] and "BROKEN" not in shown[0]
     assert live_steps[:3] == [" s1", " s1 s2", " s1 s2 s3"]
     assert "fake stream broke" in result.aggregator.retries[0]
     assert answer.getvalue().startswith(
@@ -146,6 +157,9 @@ def test_a_retried_step_drops_only_its_own_text_for_every_listener(write_moa_tom
     assert "↻ aggregator fake:agg: fake stream broke" in progress.getvalue()
 
     result.save(tmp_path / "run.json")
+    saved = json.loads((tmp_path / "run.json").read_text("utf-8"))["timeline"]["calls"][-1]
+    assert [retry[4] for retry in saved["retries"]] == [len(" s1")]
+    assert sum(saved["chunk_chars"]) == len(result.final)  # the broken chunks are not kept
     replayed, replayed_text, replayed_steps = rebuilt()
     again = moa_magic.replay(tmp_path / "run.json", speed=100, listeners=[replayed])
     assert again.final == replayed_text[0] == result.final
