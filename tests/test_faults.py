@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import io
+import json
 import signal
 import socket
 import threading
@@ -240,6 +241,24 @@ def test_a_stream_that_breaks_after_text_is_retried_from_scratch(chat_server, co
     refs = agg["body"]["messages"][0]["content"]
     assert "\n1. the fresh answer\n2. b says: q" in refs and "partial" not in refs
     assert a.completion_tokens == 3  # counted for the successful attempt only
+
+
+def test_a_retry_from_scratch_is_saved_and_replayed_from_scratch(chat_server, configure, tmp_path):
+    chat_server.script(model="a", text="partial words that get lost", break_after=2, times=1)
+    chat_server.script(model="a", text="the fresh answer")
+    result, _ = run()
+    result.save(tmp_path / "run.json")
+    replayed = []
+    again = moa_magic.replay(tmp_path / "run.json", speed=100, listeners=[replayed.append])
+    a = record_of(again, "fake:a")
+    (retry,) = [e for e in replayed if isinstance(e, CallRetrying)]
+    assert retry.record is a and retry.kept_chars == 0
+    mine = [e for e in replayed if getattr(e, "record", None) is a]
+    after = "".join(e.text for e in mine[mine.index(retry):] if isinstance(e, TextDelta))
+    assert after == a.text == "the fresh answer"
+    entry = next(e for e in json.loads((tmp_path / "run.json").read_text())["timeline"]["calls"]
+                 if e and e["retries"])
+    assert len(entry["retries"][0]) == 4  # as files from before staircase retries have them
 
 
 def test_the_aggregator_restarts_cleanly_in_the_terminal_too(chat_server, configure):
