@@ -43,6 +43,23 @@ def _no_run_outlives_its_test():
 
 
 @pytest.fixture
+def shell():
+    """The IPython shell with moa_magic loaded; unloaded and cleaned afterwards (the names a test
+    made, `_moa`, `%config MoaMagics`)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    before = set(ip.user_ns)
+    ip.run_line_magic("load_ext", "moa_magic")
+    yield ip
+    ip.run_line_magic("unload_ext", "moa_magic")
+    for name in set(ip.user_ns) - before:
+        ip.user_ns.pop(name, None)
+    ip.user_ns.pop("_moa", None)
+    ip.config.pop("MoaMagics", None)
+
+
+@pytest.fixture
 def chat_server():
     """A fresh fake OpenAI-compatible server for one test (stopped afterwards)."""
     with ChatServer() as server:

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import moa_magic
@@ -26,15 +25,6 @@ output = 1000
 @pytest.fixture
 def config(write_moa_toml):
     return write_moa_toml(CHAT_TOML)
-
-
-@pytest.fixture
-def shell():
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "moa_magic")
-    yield ip
-    ip.run_line_magic("unload_ext", "moa_magic")
-    ip.user_ns.pop("_moa", None)
 
 
 def cell(ip, text: str):

@@ -41,20 +41,6 @@ def config(write_moa_toml):
     return write_moa_toml(MAGIC_TOML)
 
 
-@pytest.fixture
-def shell():
-    """The IPython shell with moa_magic loaded; unloaded and cleaned afterwards."""
-    ip = InteractiveShell.instance()
-    before = set(ip.user_ns)
-    ip.run_line_magic("load_ext", "moa_magic")
-    yield ip
-    ip.run_line_magic("unload_ext", "moa_magic")
-    for name in set(ip.user_ns) - before:
-        ip.user_ns.pop(name, None)
-    ip.user_ns.pop("_moa", None)
-    ip.config.pop("MoaMagics", None)
-
-
 def magics(ip) -> MoaMagics:
     return ip.magics_manager.registry["MoaMagics"]
 

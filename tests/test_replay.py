@@ -235,18 +235,6 @@ def test_the_tree_marks_cached_calls(chat_server, config):
 # --- the magic ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def shell():
-    from IPython.core.interactiveshell import InteractiveShell
-
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "moa_magic")
-    yield ip
-    ip.run_line_magic("unload_ext", "moa_magic")
-    ip.user_ns.pop("_moa", None)
-    ip.config.pop("MoaMagics", None)
-
-
 def test_magic_save_replay_and_cache(shell, chat_server, config, tmp_path):
     from IPython.utils.capture import capture_output
 
