@@ -13,28 +13,10 @@ from moa_magic.accounting import usage
 from moa_magic.core.judge import UNPARSED, parse_verdict
 
 from chat_server import Reply, last_user_message
-from helpers import FAKE_PRESET, FAKE_PROVIDER, NO_RETRIES
+from helpers import FAKE_PRESET, FAKE_PROVIDER, NO_RETRIES, prices_toml
 
-PRICED = "\n".join([FAKE_PROVIDER, FAKE_PRESET, NO_RETRIES]) + """
-[prices."fake:a"]
-input = 1000
-output = 1000
-[prices."fake:b"]
-input = 1000
-output = 1000
-[prices."fake:c"]
-input = 1000
-output = 1000
-[prices."fake:agg"]
-input = 1000
-output = 1000
-[prices."fake:x"]
-input = 2000
-output = 2000
-[prices."fake:j"]
-input = 3000
-output = 3000
-"""
+PRICED = "\n".join([FAKE_PROVIDER, FAKE_PRESET, NO_RETRIES]) + prices_toml(
+    a=(1000, 1000), b=(1000, 1000), c=(1000, 1000), agg=(1000, 1000), x=(2000, 2000), j=(3000, 3000))
 
 
 @pytest.fixture

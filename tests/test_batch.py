@@ -18,22 +18,10 @@ from moa_magic.core import runner
 from moa_magic.core.batch_result import wilson
 
 from chat_server import Reply, last_user_message
-from helpers import FAKE_PRESET, FAKE_PROVIDER, NO_RETRIES, main_thread_in, wait_until
+from helpers import FAKE_PRESET, FAKE_PROVIDER, NO_RETRIES, main_thread_in, prices_toml, wait_until
 
-BATCH_TOML = "\n".join([FAKE_PROVIDER + "max_concurrency = 32\n", FAKE_PRESET, NO_RETRIES]) + """
-[prices."fake:a"]
-input = 1
-output = 1
-[prices."fake:b"]
-input = 1
-output = 1
-[prices."fake:c"]
-input = 1
-output = 1
-[prices."fake:agg"]
-input = 1
-output = 1
-"""
+BATCH_TOML = "\n".join([FAKE_PROVIDER + "max_concurrency = 32\n", FAKE_PRESET, NO_RETRIES]) + prices_toml(
+    a=(1, 1), b=(1, 1), c=(1, 1), agg=(1, 1))
 
 
 @pytest.fixture
