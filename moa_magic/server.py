@@ -280,7 +280,8 @@ class MoaServer:
             ):
                 events.put_nowait(event)
 
-        engine, future, finished = runner.start(plan, cfg, chat.prompt, [listener], chat.history)
+        engine, job = runner.start(plan, cfg, chat.prompt, [listener], chat.history)
+        future, finished = job.submit(), job.finished
         self.runs.add(future)
         future.add_done_callback(self.runs.discard)
         reply = Reply(chat, request)

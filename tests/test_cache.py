@@ -217,7 +217,8 @@ def test_a_failed_call_is_not_cached(chat_server, config, fault):
 def test_a_cancelled_call_is_not_cached(chat_server, config):
     chat_server.script(model="agg", reply=Reply(text="slow " * 50, chunk_delay=0.05), times=1)
     plan, cfg = runner.prepare("cancel me", preset="fake", temperature=0)
-    engine, future, finished = runner.start(plan, cfg, "cancel me")
+    engine, job = runner.start(plan, cfg, "cancel me")
+    future, finished = job.submit(), job.finished
     chat_server.wait_for_requests(4)
     deadline = time.monotonic() + 5
     while not engine.result.aggregator.text and time.monotonic() < deadline:

@@ -413,10 +413,11 @@ def cancel_before_the_task_starts():
     plan, cfg = runner.prepare("never starts", preset="fake")
     blocker = threading.Event()
     runner.worker.loop().call_soon_threadsafe(blocker.wait, 60)  # busy until the cancel below
-    engine, future, finished = runner.start(plan, cfg, "never starts")
-    future.cancel()
+    engine, job = runner.start(plan, cfg, "never starts")
+    job.submit()
+    job.cancel()
     blocker.set()
-    assert finished.wait(1)
+    assert job.finished.wait(1)
     return engine
 
 

@@ -130,7 +130,8 @@ def test_soak_random_faults(chat_server, moa_config):
         prompt = f"soak run {i}"
         plan, cfg = runner.prepare(prompt, preset="fake", layers=layers)
         tree = TreeRenderer.for_plan(plan)
-        _, future, finished = runner.start(plan, cfg, prompt, [tree])
+        _, job = runner.start(plan, cfg, prompt, [tree])
+        future, finished = job.submit(), job.finished
         cancel = i % 20 == 7
         if cancel:
             time.sleep(rng.uniform(0.0, 0.08))

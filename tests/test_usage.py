@@ -121,13 +121,14 @@ def test_a_cancel_racing_the_start_of_the_run_records_it_once(chat_server, moa_c
     loop = runner.worker.loop()
     submitted, holding, go = threading.Event(), threading.Event(), threading.Event()
     loop.call_soon_threadsafe(submitted.wait, 10)  # the loop creates the task after this ...
-    engine, future, finished = runner.start(plan, cfg, "cancel me as I start")
+    engine, job = runner.start(plan, cfg, "cancel me as I start")
+    job.submit()
     loop.call_soon_threadsafe(lambda: (holding.set(), go.wait(10)))  # ... and steps it after this
     submitted.set()
     assert holding.wait(10)
-    future.cancel()
+    job.cancel()
     go.set()
-    assert finished.wait(10)
+    assert job.finished.wait(10)
     wait_for_runs_to_end()
     assert engine.result.status == "cancelled"
     assert {r.status for r in engine.result.calls()} == {"cancelled"}

@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
 
         display = None if args.quiet else TerminalProgress(sys.stderr)
         run = batching.BatchRun(plan, cfg, prompts, options.get("max_cost"))
-        future, finished = batching.start(run)
+        job = batching.start(run)
 
         def tick() -> None:
             flush_rows()
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
                 display(run.progress)
 
         try:
-            result = wait(future, finished, tick=tick)
+            result = wait(job, tick=tick)
         except KeyboardInterrupt:
             tick()
             print(f"moa: interrupted; {len(written)} finished rows are in {out}", file=sys.stderr)

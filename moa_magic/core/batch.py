@@ -288,17 +288,18 @@ class BatchRun:
 
 
 def start(run: BatchRun):
-    """Submit the batch to the worker loop: (future, finished)."""
-    global _last_batch
-    from .runner import submit_run
+    """The batch as a job for the worker loop (`runner.wait` submits it); `last_batch()` from then."""
+    from .runner import Job
 
-    _last_batch = run.result
+    def make_last() -> None:
+        global _last_batch
+        _last_batch = run.result
 
     def never_ran() -> None:
         run.result.status, run.result.error = Status.CANCELLED, "interrupted"
         run._end()
 
-    return submit_run(run.run, never_ran)
+    return Job(run.run, never_ran, make_last)
 
 
 def batch(prompts, *, template: str | None = None, progress: Callable[[BatchProgress], None] | None = None,
@@ -320,10 +321,10 @@ def batch(prompts, *, template: str | None = None, progress: Callable[[BatchProg
     plan, cfg, _ = prepare_batch(texts, max_concurrency=max_concurrency, cache=cache,
                                  max_cost=max_cost, **options)
     run = BatchRun(plan, cfg, texts, max_cost, listeners)
-    future, finished = start(run)
+    job = start(run)
     tick = (lambda: progress(run.progress)) if progress is not None else None
     try:
-        return wait(future, finished, tick=tick)
+        return wait(job, tick=tick)
     finally:
         if progress is not None:
             progress(run.progress)

@@ -131,11 +131,14 @@ class Replay:
             self._finish()
             return self.result
         except asyncio.CancelledError:
-            self.result.status, self.result.error = "cancelled", "replay interrupted"
+            self.interrupted()
             raise
         finally:
             self.result.elapsed_s = loop.time() - started
             self.emit(RunFinished(self.result))
+
+    def interrupted(self) -> None:
+        self.result.status, self.result.error = "cancelled", "replay interrupted"
 
     # --- actions ----------------------------------------------------------------------------------
 
@@ -206,11 +209,11 @@ def _step_starts(record: CallRecord) -> list[tuple[int, dict]]:
 
 
 def start(saved: MoaResult | str | Path, listeners: Iterable[Listener] = (), speed: float = 1.0):
-    """Start a replay on the worker loop: (replay, future, finished), as `runner.start` does."""
-    from .runner import submit_run
+    """A replay for the worker loop: (replay, job), as `runner.start` makes a run."""
+    from .runner import Job
 
     replay = Replay(saved if isinstance(saved, MoaResult) else load(saved), listeners, speed)
-    return (replay, *submit_run(replay.run))
+    return replay, Job(replay.run, replay.interrupted)
 
 
 def replay(saved: MoaResult | str | Path, *, speed: float = 1.0,
@@ -222,5 +225,5 @@ def replay(saved: MoaResult | str | Path, *, speed: float = 1.0,
     """
     from .runner import wait
 
-    _, future, finished = start(saved, listeners, speed)
-    return wait(future, finished)
+    _, job = start(saved, listeners, speed)
+    return wait(job)

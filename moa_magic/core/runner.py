@@ -72,31 +72,60 @@ class _WorkerLoop:
 worker = _WorkerLoop()
 
 
-def submit_run(body: Callable[[], Awaitable], never_ran: Callable[[], None] = lambda: None):
-    """Run `body()` on the worker loop: (future, finished), `finished` set once the run has ended.
+class Job:
+    """One run (or batch, or replay) for the worker loop, cancellable from the moment it exists.
 
-    A cancel before `body` starts (Ctrl-C right after submit) calls `never_ran` instead, on the
-    cancelling thread. Which of the two happens is claimed under one lock: the cancel can race the
-    loop starting the task, and must neither let an unmarked run go on nor record a run twice.
+    Nothing runs until `submit()`, which `wait` calls inside the try that cancels on
+    KeyboardInterrupt: a Ctrl-C landing during the submit, even after the loop has the coroutine
+    but before `future` is set, still reaches the run through `cancel()`. Whether the run starts
+    or is cancelled first is claimed under one lock, so it neither goes on unmarked nor is
+    recorded twice: `cancel()` before `body` starts calls `never_ran` (on the cancelling thread)
+    and `body` never starts; after, it cancels the running task. `on_submit` runs just before the
+    loop gets the run (the runner makes its result `last_result()` there, not before, so a run
+    never submitted is never the last one).
     """
-    claimed, finished = threading.Lock(), threading.Event()
 
-    async def guarded():
-        if not claimed.acquire(blocking=False):
-            raise asyncio.CancelledError  # cancelled first: `never_ran` marked it
+    def __init__(self, body: Callable[[], Awaitable], never_ran: Callable[[], None] = lambda: None,
+                 on_submit: Callable[[], None] = lambda: None):
+        self._body, self._never_ran, self._on_submit = body, never_ran, on_submit
+        self.future: concurrent.futures.Future | None = None
+        self.finished = threading.Event()  # set once the run has ended, or was cancelled unstarted
+        self._claim = threading.Lock()
+        self._task: asyncio.Task | None = None
+        self._cancelled = False
+
+    def submit(self) -> concurrent.futures.Future:
+        if self.future is None:
+            self._on_submit()
+            self.future = worker.submit(self._guarded())
+            # cancelling the future itself (not only `cancel()`) also marks a run that never started
+            self.future.add_done_callback(lambda future: future.cancelled() and self.cancel())
+        return self.future
+
+    async def _guarded(self):
+        with self._claim:
+            if self._cancelled:
+                raise asyncio.CancelledError  # cancelled first: `never_ran` marked it
+            self._task = asyncio.current_task()
         try:
-            return await body()
+            return await self._body()
         finally:
-            finished.set()
+            self.finished.set()
 
-    def cancelled_before_start(future: concurrent.futures.Future) -> None:
-        if future.cancelled() and claimed.acquire(blocking=False):
-            never_ran()
-            finished.set()
-
-    future = worker.submit(guarded())
-    future.add_done_callback(cancelled_before_start)
-    return future, finished
+    def cancel(self) -> None:
+        """Stop the run wherever it is: not yet submitted, queued on the worker loop, or running."""
+        with self._claim:
+            if self._cancelled:
+                return
+            self._cancelled, task = True, self._task
+        if task is None:
+            self._never_ran()
+            self.finished.set()
+            return
+        try:
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        except RuntimeError:  # the worker loop is closed (unloaded): the task is gone with it
+            pass
 
 
 def warm_up() -> None:
@@ -177,10 +206,10 @@ def estimate_run(prompt: str, *, max_cost: float | None = None, history=(), **op
 
 
 def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = (), history=()):
-    """Start a run on the worker loop: (engine, future, finished). The engine's result fills live.
+    """A run for the worker loop: (engine, job). The engine's result fills live once `wait(job)`
+    (or `job.submit()`) has sent it to the loop.
 
     `history`: the earlier turns of a conversation, as for `prepare`."""
-    global _last_result
     from ..providers.cache import CallCache
     from .engine import Engine
     from .saved import Recorder
@@ -194,7 +223,6 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
         from ..accounting.tokens import count_history
 
         engine.result.history_tokens = count_history(plan.aggregator.model, history)
-    _last_result = engine.result
 
     async def run_and_record():
         try:
@@ -208,8 +236,11 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
             record.status = Status.CANCELLED
         record_usage(engine.result)
 
-    future, finished = submit_run(run_and_record, never_ran)
-    return engine, future, finished
+    def make_last() -> None:
+        global _last_result
+        _last_result = engine.result
+
+    return engine, Job(run_and_record, never_ran, make_last)
 
 
 def record_usage(result: MoaResult) -> None:
@@ -224,14 +255,15 @@ def record_usage(result: MoaResult) -> None:
         logging.getLogger("moa_magic").exception("moa-magic could not record the run's usage")
 
 
-def wait(future: concurrent.futures.Future, finished: threading.Event,
-         tick: Callable[[], None] | None = None) -> MoaResult:
-    """Block until the run ends, calling `tick` every 50 ms (the magic prints queued progress).
+def wait(job: Job, tick: Callable[[], None] | None = None) -> MoaResult:
+    """Submit the job (if not yet) and block until it ends, calling `tick` every 50 ms (the magic
+    prints queued progress).
 
-    On KeyboardInterrupt cancel every request, give the engine a moment to mark the result
-    cancelled, then re-raise.
+    On KeyboardInterrupt, also one during the submit, cancel every request, give the engine a
+    moment to mark the result cancelled, then re-raise.
     """
     try:
+        future = job.submit()
         while True:
             try:
                 return future.result(timeout=0.05)
@@ -239,8 +271,8 @@ def wait(future: concurrent.futures.Future, finished: threading.Event,
                 if tick is not None:
                     tick()
     except KeyboardInterrupt:
-        future.cancel()
-        finished.wait(CANCEL_GRACE_S)
+        job.cancel()
+        job.finished.wait(CANCEL_GRACE_S)
         raise
 
 
@@ -259,20 +291,20 @@ def run(prompt: str, *, listeners: Iterable[Listener] = (), history=(), **option
     no final answer came; `last_result()` holds the partial run after an interrupt too.
     """
     plan, cfg = prepare(prompt, history=history, **options)
-    _, future, finished = start(plan, cfg, prompt, listeners, history)
-    return _checked(wait(future, finished))
+    _, job = start(plan, cfg, prompt, listeners, history)
+    return _checked(wait(job))
 
 
 async def arun(prompt: str, *, listeners: Iterable[Listener] = (), history=(),
                **options) -> MoaResult:
     """`run()` for async code. Cancelling the awaiting task cancels every request."""
     plan, cfg = prepare(prompt, history=history, **options)
-    _, future, finished = start(plan, cfg, prompt, listeners, history)
+    _, job = start(plan, cfg, prompt, listeners, history)
     try:
-        result = await asyncio.wrap_future(future)
+        result = await asyncio.wrap_future(job.submit())
     except asyncio.CancelledError:
-        future.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, finished.wait, CANCEL_GRACE_S)
+        job.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, job.finished.wait, CANCEL_GRACE_S)
         raise
     return _checked(result)
 

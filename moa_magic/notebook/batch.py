@@ -61,9 +61,9 @@ def run_over(magics, args, cell: str, options: dict):
 
         progress = TerminalProgress(sys.stdout)
     run = batching.BatchRun(plan, cfg, prompts, options.get("max_cost"))
-    future, finished = batching.start(run)
+    job = batching.start(run)
     try:
-        wait(future, finished, tick=lambda: progress(run.progress))
+        wait(job, tick=lambda: progress(run.progress))
     finally:
         progress(run.progress)
         magics.shell.user_ns["_moa_batch"] = run.result

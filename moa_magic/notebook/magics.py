@@ -289,8 +289,8 @@ class MoaMagics(Magics):
         from ..core import runner
 
         def begin(listener):
-            engine, future, finished = runner.start(plan, cfg, prompt, [listener], history)
-            return engine.result, future, finished
+            engine, job = runner.start(plan, cfg, prompt, [listener], history)
+            return engine.result, job
 
         result = self.show_run(lambda tree: tree.for_plan(plan), begin, out, save, show_proposers)
         if not result.ok:
@@ -304,8 +304,8 @@ class MoaMagics(Magics):
               show_proposers: bool = False):
         """Draw a run (or a replay) while it goes on; `_moa` (and `out`) get its result at the end.
 
-        `tree_for(TreeRenderer)` builds the empty tree (widgets only); `begin(listener)` starts the
-        run on the worker loop and returns (result, future, finished). In Jupyter the run has one
+        `tree_for(TreeRenderer)` builds the empty tree (widgets only); `begin(listener)` builds the
+        run and returns (result, job), for `runner.wait` to submit inside its interrupt guard. In Jupyter the run has one
         output: the live tree, replaced in place (a display id) by the finished view when it ends,
         so a saved or exported notebook holds no widget. An interrupt ends in one line.
         """
@@ -331,10 +331,10 @@ class MoaMagics(Magics):
             listener = TerminalRenderer(progress=pump, answer=pump if terminal else None,
                                         proposers=show_proposers and terminal)
 
-        result, future, finished = begin(listener)
+        result, job = begin(listener)
         interrupted = False
         try:
-            runner.wait(future, finished, tick=pump)
+            runner.wait(job, tick=pump)
         except KeyboardInterrupt:
             interrupted = True
             if result.status == Status.RUNNING:  # the engine did not mark it within the grace

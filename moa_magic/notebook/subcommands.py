@@ -93,8 +93,8 @@ def moa_replay(magics, rest: str) -> None:
         raise UsageError(f"{exc} Usage: %moa replay PATH [--speed X]") from None
 
     def begin(listener):
-        player, future, finished = replay.start(saved, [listener], args.speed)
-        return player.result, future, finished
+        player, job = replay.start(saved, [listener], args.speed)
+        return player.result, job
 
     magics.show_run(lambda tree: tree.for_run_of(saved), begin)
 
