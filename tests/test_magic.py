@@ -87,6 +87,29 @@ def test_load_unload_reload(config, chat_server):
     ip.user_ns.pop("_moa", None)
 
 
+def test_unload_before_the_preload_reaches_the_worker_leaves_it_stopped(monkeypatch):
+    from moa_magic.notebook import magics as magics_module
+
+    ip = InteractiveShell.instance()
+    unloaded, preloads = threading.Event(), []
+    preload = magics_module._preload
+
+    def preload_after_unload(instance):  # the preload thread, held back until unload is done
+        preloads.append(threading.current_thread())
+        unloaded.wait(10)
+        preload(instance)
+
+    monkeypatch.setattr(magics_module, "_preload", preload_after_unload)
+    ip.run_line_magic("load_ext", "moa_magic")
+    ip.run_line_magic("unload_ext", "moa_magic")
+    unloaded.set()
+    wait_until(lambda: preloads, "the preload thread started")
+    [thread] = preloads
+    thread.join(10)
+    assert not thread.is_alive()
+    assert not runner.worker.started  # unload stopped it, and nothing started it again
+
+
 def test_load_ext_returns_at_once_and_loads_the_first_run_beside():
     # which thread imported each heavy module: none may be the one `%load_ext` runs on
     code = (

@@ -42,6 +42,9 @@ from ..options import RUN_OPTIONS, SAVE_OPTION, SHOW_PROPOSERS_OPTION, run_optio
 
 SUBCOMMANDS = ("list", "show", "last", "usage", "cache", "replay", "chat", "help", "version")
 
+# `%unload_ext` and a preload still on its way take turns: unload stops the worker loop, and a
+# preload that comes later must not start it again.
+_LIFECYCLE = threading.Lock()
 
 
 def _user_errors_as_usage_errors(func):
@@ -173,6 +176,7 @@ class MoaMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.last_tree = None  # the last run's TreeRenderer (widget mode), for inspection
+        self.unloaded = False  # set by `unload`, under _LIFECYCLE
 
     # --- %%moa -----------------------------------------------------------------------------------
 
@@ -423,7 +427,10 @@ def _preload(magics: MoaMagics) -> None:
     try:
         from ..core import runner
 
-        runner.warm_up()
+        with _LIFECYCLE:
+            if magics.unloaded:  # %unload_ext came first: it stopped the worker loop for good
+                return
+            runner.warm_up()
         from ..render import static  # noqa: F401 - loaded for the first run
 
         if magics.frontend() == "widgets":
@@ -443,6 +450,8 @@ def unload(shell) -> None:
                 del table[name]
     shell.magics_manager.registry.pop("MoaMagics", None)
     shell.configurables[:] = [c for c in shell.configurables if c is not magics]
-    runner = sys.modules.get("moa_magic.core.runner")
-    if runner is not None:
-        runner.worker.stop()
+    with _LIFECYCLE:
+        magics.unloaded = True
+        runner = sys.modules.get("moa_magic.core.runner")
+        if runner is not None:
+            runner.worker.stop()
