@@ -79,15 +79,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = run(prompt, listeners=[renderer], **run_options(args))
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        from .render.terminal import print_error
+
+        print_error(exc)
         return 2
     except RunFailed as exc:
         if args.json and exc.result is not None:
             print(json.dumps(exc.result.to_dict(), indent=2, ensure_ascii=False))
         _save(args.save, exc.result)
-        from .render.terminal import terminal_safe
+        from .render.terminal import print_error
 
-        print(f"moa: {terminal_safe(str(exc))}", file=sys.stderr)  # it quotes the servers' errors
+        print_error(exc)
         return 1
     except KeyboardInterrupt:
         from .core.runner import last_result
@@ -135,6 +137,8 @@ def _save(path: str | None, result) -> bool | None:
     try:
         result.save(path)
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        from .render.terminal import print_error
+
+        print_error(exc)
         return False
     return True

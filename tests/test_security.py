@@ -348,3 +348,34 @@ def test_a_saved_notebook_never_holds_the_key(chat_server, tmp_path, monkeypatch
     assert "Incorrect API key provided: ***" in text  # the failure is shown...
     assert "MOA_TEST_KEY set" in text
     assert secret not in text and secret[8:20] not in text  # ...without the key
+
+
+HOSTILE_NAME = "evil\x1b]0;pwned\x07\x1b[2J"
+
+
+@pytest.mark.parametrize("command", [
+    ["--preset", "evil", "q"],  # the config's preset names are listed in the message
+    ["--preset", "uses-provider", "q"],  # an unknown provider, named by the config
+    ["--config", "{missing}", "q"],
+    ["chat", "--config", "{missing}"],
+    ["replay", "{missing}"],
+    ["batch", "{missing}", "--out", "{out}"],
+    ["cache", "info", "--config", "{missing}"],
+    ["serve", "--config", "{missing}", "--port", "0"],
+])
+def test_a_moa_error_line_quoting_config_or_a_path_is_inert(tmp_path, command):
+    """A `moa:` line for bad input quotes config values and paths, untrusted: one line, exit 2,
+    no escape sequence reaches the terminal."""
+    config = tmp_path / "moa.toml"
+    config.write_text(
+        f'[presets."{HOSTILE_NAME}"]\nlayers = [["local:x"]]\naggregator = "local:y"\n\n'
+        f'[presets.uses-provider]\nlayers = [["{HOSTILE_NAME}:x"]]\naggregator = "local:y"\n'
+        .replace("\x1b", "\\u001b").replace("\x07", "\\u0007"), "utf-8")
+    paths = {"missing": str(tmp_path / f"{HOSTILE_NAME}.toml"), "out": str(tmp_path / "out.jsonl")}
+    done = subprocess.run([sys.executable, "-m", "moa_magic", *(a.format(**paths) for a in command)],
+                          capture_output=True, text=True, timeout=60, input="q\n",
+                          env=dict(os.environ, MOA_MAGIC_CONFIG=str(config)))
+    assert done.returncode == 2, done.stderr
+    _assert_inert(done.stderr)
+    [line] = done.stderr.splitlines()
+    assert line.startswith("moa: ") and "evil" in line

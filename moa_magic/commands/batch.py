@@ -97,6 +97,7 @@ def main(argv: list[str]) -> int:
     from ..errors import MoaUserError
     from ..options import run_options
     from ..render.batch import TerminalProgress, batch_bundle
+    from ..render.terminal import print_error
 
     args = build_parser().parse_args(argv)
     try:
@@ -115,7 +116,7 @@ def main(argv: list[str]) -> int:
         except OSError as exc:
             raise MoaUserError(f"Cannot write --out {out}: {exc.strerror or exc}.") from None
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     with sink:
         written: set[int] = set()
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
             result = wait(job, tick=tick)
         except KeyboardInterrupt:
             tick()
-            print(f"moa: interrupted; {len(written)} finished rows are in {out}", file=sys.stderr)
+            print_error(f"interrupted; {len(written)} finished rows are in {out}")
             return 130
         tick()
     print(batch_bundle(result)["text/plain"], file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +34,16 @@ def main(argv: list[str]) -> int:
     import sqlite3
 
     from ..errors import MoaUserError
+    from ..render.terminal import print_error
 
     args = build_parser().parse_args(argv)
     try:
         print(cache_command(args.action, args.config))
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except (sqlite3.Error, OSError) as exc:
-        print(f"moa: the request cache cannot be read: {exc}. Move it with [settings] cache_path "
-              f"or delete the file.", file=sys.stderr)
+        print_error(f"the request cache cannot be read: {exc}. Move it with [settings] cache_path "
+                    f"or delete the file.")
         return 1
     return 0

@@ -46,7 +46,9 @@ def main(argv: list[str]) -> int:
                 continue
             _turn(chat, text, args)
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        from ..render.terminal import print_error
+
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
         print("\nmoa: chat ended", file=sys.stderr)
@@ -56,7 +58,7 @@ def main(argv: list[str]) -> int:
 def _turn(chat, text: str, args) -> None:
     """One turn; a turn that fails or is interrupted is reported and the chat goes on."""
     from ..errors import RunFailed
-    from ..render.terminal import TerminalRenderer, terminal_safe
+    from ..render.terminal import TerminalRenderer, print_error
 
     if args.dry_run:
         print(chat.estimate(text).text(), flush=True)
@@ -65,8 +67,7 @@ def _turn(chat, text: str, args) -> None:
     try:
         chat.send(text, listeners=[renderer])
     except RunFailed as exc:
-        print(f"moa: {terminal_safe(str(exc))} (this turn is not in the history)", file=sys.stderr,
-              flush=True)
+        print_error(f"{exc} (this turn is not in the history)")
     except KeyboardInterrupt:
         print("\nmoa: turn cancelled (not in the history)", file=sys.stderr, flush=True)
     sys.stdout.flush()

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from ..core.replay import replay
     from ..errors import MoaUserError
-    from ..render.terminal import TerminalRenderer, terminal_safe
+    from ..render.terminal import TerminalRenderer, print_error
 
     args = build_parser().parse_args(argv)
     renderer = TerminalRenderer(
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     try:
         result = replay(args.path, speed=args.speed, listeners=[renderer])
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        print_error(exc)
         return 2
     except KeyboardInterrupt:
         print("moa: interrupted", file=sys.stderr)
@@ -41,7 +41,6 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     if not result.ok:
-        print(f"moa: the recorded run ended {result.status}: {terminal_safe(str(result.error))}",
-              file=sys.stderr)
+        print_error(f"the recorded run ended {result.status}: {result.error}")
         return 1
     return 0

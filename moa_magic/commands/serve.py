@@ -48,11 +48,15 @@ def main(argv: list[str]) -> int:
             raise MoaUserError("no preset can run here (API keys missing?): see `moa --list`.")
         port = runner.worker.submit(server.start(args.host, args.port)).result()
     except MoaUserError as exc:
-        print(f"moa: {exc}", file=sys.stderr)
+        from ..render.terminal import print_error
+
+        print_error(exc)
         return 2
     except OSError as exc:
-        print(f"moa: cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose "
-              f"another with --port or --host.", file=sys.stderr)
+        from ..render.terminal import print_error
+
+        print_error(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose "
+                    f"another with --port or --host.")
         return 2
     models = ", ".join(name for name, reason in server.served.items() if reason is None)
     print(f"moa serve: listening on http://{args.host}:{port}/v1 · models: {models}"

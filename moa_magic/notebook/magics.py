@@ -316,7 +316,7 @@ class MoaMagics(Magics):
         from ..core import runner
         from ..core.result import Status
         from ..render.static import StaticRun
-        from ..render.terminal import TerminalRenderer
+        from ..render.terminal import TerminalRenderer, print_error
 
         frontend = self.frontend()
         pump = _Pump()
@@ -354,7 +354,7 @@ class MoaMagics(Magics):
                 try:
                     result.save(save)
                 except MoaUserError as exc:
-                    print(f"moa: {exc}", file=sys.stderr)
+                    print_error(exc)
             if handle is not None:
                 handle.update(StaticRun(result))
                 tree.dispose()  # its view is gone; free its widgets in the kernel and the page

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import TextIO
 
 from typing import TYPE_CHECKING
@@ -29,6 +30,12 @@ _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def terminal_safe(text: str) -> str:
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
+
+
+def print_error(message: object) -> None:
+    """The `moa: …` line on stderr. Messages quote config values, file contents, paths and servers'
+    errors, all untrusted: none of their escape sequences reaches the terminal."""
+    print(f"moa: {terminal_safe(str(message))}", file=sys.stderr, flush=True)
 
 
 def one_screen(first: TextIO, second: TextIO) -> bool:
