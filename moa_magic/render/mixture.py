@@ -14,7 +14,7 @@ from ..core.result import Status
 from .compare import agreement, mean_agreement, similarity, word_diff
 from .format import call_figures, shown_error
 from .parts import STATUS_MARK, call_body_html, esc, layer_title
-from .staircase import live_note
+from .staircase import step_line
 
 if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
@@ -38,7 +38,7 @@ def answer_head_html(record: CallRecord, note: str | None = None) -> str:
     if note:
         figures += f" · {note}"
     head = f'<span class="moa-answer-label">Answer</span><span class="moa-figures">{esc(figures)}</span>'
-    stair = live_note(record) if record.status in Status.PENDING else None
+    stair = step_line(record) if record.status in Status.PENDING else None
     return head + (f'<div class="moa-stair-live">{esc(stair)}</div>' if stair else "")
 
 

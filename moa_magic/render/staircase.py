@@ -9,8 +9,9 @@ of the early answer, and every rendition says so.
 
 Renditions: `staircase_text` (terminal, text/plain), `staircase_markdown`, `staircase_html` (a
 table under the answer of the finished view) and `marked_answer_html` (the answer with a small
-step number where each later step began); `live_note` is the line the live views show while the
-aggregator writes. Model text is escaped (`esc`, `md_inline`) or made terminal-safe by the caller.
+step number where each later step began); `step_line` is the line the live view and the terminal
+show while the aggregator writes. Model text is escaped (`esc`, `md_inline`) or made terminal-safe
+by the caller.
 """
 
 from __future__ import annotations
@@ -104,20 +105,12 @@ def _saw_chars(raw: dict) -> str:
     return " · ".join(f"{label} {chars}" for label, chars in _saw(raw).items())
 
 
-def live_note(record: CallRecord) -> str | None:
-    """'staircase step 3 · writing with L2.1 412 · L2.2 300 chars of the proposers' text so far
-    (they are still streaming)': while the aggregator writes; None when there is no staircase."""
+def step_line(record: CallRecord) -> str | None:
+    """'staircase step 3 · saw L2.1 412 · L2.2 300 chars · proposers still streaming': the step
+    being written, in the live view's answer head and the terminal's progress line alike (the
+    tables say it per step in the same words); None when there is no staircase."""
     if not record.steps:
         return None
-    raw = record.steps[-1]
-    state = ("every proposer had ended" if raw.get("proposers_done")
-             else "they are still streaming: partial references")
-    return (f"staircase step {len(record.steps)} · writing with {_saw_chars(raw)} chars of the "
-            f"proposers' text ({state})")
-
-
-def step_line(record: CallRecord) -> str:
-    """The step just sent as one progress line (the terminal)."""
     raw = record.steps[-1]
     return (f"staircase step {len(record.steps)} · saw {_saw_chars(raw)} chars · "
             f"{_references(bool(raw.get('proposers_done')))}")

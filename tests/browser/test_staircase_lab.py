@@ -11,7 +11,7 @@ of any speed, and what each step saw is fixed:
   five words of each; it writes the second part and stops by itself while they still stream;
 - step 3 runs once every proposer has ended: it sees all of them and writes the last part.
 
-Live: the answer card's orange "staircase step N · writing with ..." line names each step with
+Live: the answer card's orange "staircase step N · saw ..." line names each step with
 the figures of the request the server got for it. Finished (the view that replaces the widget in
 place): a numbered badge in the answer where each step began (orange: partial references), and the
 Staircase table with one row per step, a bar and a figure per proposer matching those requests.
@@ -164,7 +164,7 @@ def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, 
             """The live line names step `number` with the figures its request carried."""
             chat_server.wait_for_requests(number + len(PROPOSER_WORDS), timeout=60)
             saw = staircase_requests(chat_server, PROPOSER_WORDS, ANSWER)[number - 1]["saw"]
-            want = f"staircase step {number} · writing with {saw_text(saw)} chars"
+            want = f"staircase step {number} · saw {saw_text(saw)} chars"
             until(lambda: any(t.startswith(want) for t in texts(".moa-tree .moa-stair-live")), want)
             assert state in live.text_content(), live.text_content()
             return saw
@@ -181,7 +181,7 @@ def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, 
 
         # ---- step 1: one word of each proposer ------------------------------------------------
         live.wait_for(state="visible", timeout=120_000)  # the kernel started and the run began
-        saw1 = step_shown(1, "still streaming: partial references")
+        saw1 = step_shown(1, "proposers still streaming")
         assert saw1 == {labels[n]: words_chars(w, FIRST_WORDS) for n, w in PROPOSER_WORDS.items()}
         assert colour_of(live, "--jp-warn-color0") == live.evaluate("e => getComputedStyle(e).color")
         assert contrast(live, out.locator(".moa-tree .moa-answer")) >= 3
@@ -190,7 +190,7 @@ def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, 
         gates[0].set()
 
         # ---- step 2: five words of each, the first part of the answer written ------------------
-        saw2 = step_shown(2, "still streaming: partial references")
+        saw2 = step_shown(2, "proposers still streaming")
         assert saw2 == {labels[n]: words_chars(w, HELD_AT) for n, w in PROPOSER_WORDS.items()}
         answer_shows(PIECES[0])
         assert out.locator(".moa-tree").count() == 1 and out.locator(".moa-view").count() == 0
@@ -201,7 +201,7 @@ def test_the_staircase_live_and_finished_in_jupyterlab(lab_root, artifacts_dir, 
         # ---- step 3: after every proposer ended -----------------------------------------------
         answer_shows("".join(PIECES[:2]))  # step 2 stopped: the run waits for the proposers
         held[HELD_AT].set()
-        saw3 = step_shown(3, "every proposer had ended")
+        saw3 = step_shown(3, "proposers all ended")
         assert saw3 == {labels[n]: len("".join(w)) for n, w in PROPOSER_WORDS.items()}
         gates[2].set()
         wait_idle(page, timeout=120)
