@@ -179,7 +179,7 @@ class RunSettings:
     max_concurrency: int = 16
     backoff_base: float = 0.5
     backoff_max: float = 20.0
-    # The request cache (providers/cache.py); `cache` is "auto", "on" or "off" (see README, "Cache").
+    # The request cache (providers/call_cache.py); `cache` is "auto", "on" or "off" (see README, "Cache").
     cache: str = "auto"
     cache_path: str = ""  # empty: requests.sqlite3 in the user cache dir
     cache_max_mb: float = 256.0

@@ -199,7 +199,7 @@ class BatchRun:
 
     def __init__(self, plan, cfg, prompts: list[str], max_cost: float | None = None,
                  listeners: Iterable[Callable[[Event], None]] = ()):
-        from ..providers.cache import CallCache
+        from ..providers.call_cache import CallCache
 
         self.plan, self.cfg, self.max_cost = plan, cfg, max_cost
         self.listeners = list(listeners)

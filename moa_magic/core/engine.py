@@ -20,7 +20,8 @@ from .events import (
     CallCut, CallFailed, CallFinished, CallRetrying, CallStarted, Event, LayerFinished, Listener,
     RunFinished, RunStarted, TextDelta, emit,
 )
-from ..providers.cache import CachedReply, CallCache, origin, request_key
+from ..providers.cache import CachedReply
+from ..providers.call_cache import CallCache, origin, request_key
 from .plan import ModelCall, Plan
 from .result import CallRecord, MoaResult, Status, failure_summary
 
@@ -255,7 +256,7 @@ class Engine:
         self.emit(CallFailed(record))
         self.progress.set()
 
-    # --- the request cache (providers/cache.py) ---------------------------------------------------
+    # --- the request cache (providers/call_cache.py) ----------------------------------------------
 
     def _cache_key(self, call: ModelCall, base_url: str, body: dict) -> tuple[str, str]:
         provider = call.provider

@@ -151,7 +151,8 @@ def build_plan(
 ) -> Plan:
     """Resolve options over a preset. Flags win over the preset's values.
 
-    `cache`: True, False or "auto" (None: the config's `[settings] cache`); see providers/cache.py.
+    `cache`: True, False or "auto" (None: the config's `[settings] cache`); see
+    providers/call_cache.py.
     `quorum` / `deadline` (early aggregation, core/policy.py; 0 turns them off): the option, else
     the preset's, else `[settings]`. `staircase`: overlap the aggregator with the last proposer
     layer, writing `staircase_chunk` tokens per step (core/staircase.py).

@@ -210,12 +210,12 @@ def start(plan: Plan, cfg: Config, prompt: str, listeners: Iterable[Listener] = 
     (or `job.submit()`) has sent it to the loop.
 
     `history`: the earlier turns of a conversation, as for `prepare`."""
-    from ..providers.cache import CallCache
+    from ..providers.call_cache import CallCache
     from .engine import Engine
     from .saved import Recorder
 
     listeners = list(listeners)
-    # a cached answer streams in visibly only when someone watches (see providers/cache.py)
+    # a cached answer streams in visibly only when someone watches (see providers/call_cache.py)
     cache = CallCache.for_settings(plan.settings, watched=bool(listeners))
     engine = Engine(plan, prompt, [Recorder(), *listeners], cfg.prices, cache=cache,
                     history=history)

@@ -1,10 +1,8 @@
-"""The request cache: complete replies on disk, keyed on what determines them.
+"""The request cache's store: complete replies on disk, one sqlite file.
 
-The key is a sha256 of the provider's origin (its base URL without credentials, query or fragment;
-the embedded model's `embedded:` name, not its per-process port) and the full request body the
-engine sends (model, messages, temperature, max_tokens, seed). What is stored per key: the model's
-name, the reply text, the server's usage, what the call cost and where the price came from, its
-latency. Never a header or an API key: neither is part of the body, and the origin is stripped.
+What is stored per key (`call_cache.request_key`): the model's name, the reply text, the server's
+usage, what the call cost and where the price came from, its latency. Never a header or an API key:
+neither is part of the key's request body, and the key's origin is stripped of credentials.
 
 Storage is the standard library's sqlite3, one file (`requests.sqlite3` in the user cache dir,
 found with platformdirs; `[settings] cache_path` moves it). WAL mode lets readers go on while one
@@ -16,35 +14,25 @@ and done together, in one transaction and one wake-up of the run's loop per roun
 64 calls in flight would otherwise spend much of its CPU on thread hops and commits. The stored size is bounded (`cache_max_mb`): triggers keep the total
 in `totals`, and past the bound the least recently used replies go, down to 90 % of it.
 
-Which calls are served is the run's policy (`CallCache`, see README "Cache"): `auto` serves calls
-whose answer is determined (temperature 0 or a fixed seed), `on` every call, `off` none; `auto` and
-`on` keep every complete reply, so an answer already paid for can be reused later with `--cache`.
+Which calls a run serves from it, how a served answer streams in, and the key: `call_cache.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .cache_info import CacheInfo
 
-log = logging.getLogger("moa_magic")
-
-KEY_VERSION = "moa-magic request cache v1"
 BUSY_TIMEOUT_MS = 30_000
 EVICT_TO = 0.9  # after eviction the cache holds at most this share of its bound
-REPLAY_PIECES = 8  # a served answer reaches the tree in this many deltas when someone watches
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (
@@ -73,23 +61,6 @@ def default_path() -> Path:
     import platformdirs
 
     return platformdirs.user_cache_path("moa-magic", appauthor=False) / "requests.sqlite3"
-
-
-def origin(base_url: str, embedded_name: str | None = None) -> str:
-    """What identifies the endpoint in a key: scheme, host, port and path; never userinfo or query."""
-    if embedded_name:
-        return embedded_name
-    parts = urlsplit(base_url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
-
-
-def request_key(endpoint: str, body: dict) -> str:
-    canonical = json.dumps([KEY_VERSION, endpoint, body], sort_keys=True, ensure_ascii=False,
-                           separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -362,62 +333,3 @@ def _settle(settled: list[tuple[asyncio.Future, object]]) -> None:
 
 def cache_for_settings(settings) -> RequestCache:
     return open_cache(settings.cache_path or None, settings.cache_max_mb)
-
-
-class CallCache:
-    """One run's use of the cache: which calls it serves, how it replays them, what it keeps.
-
-    `replay_s`: a served answer streams in over this long (several deltas), so whoever watches sees
-    the mechanism; 0 gives it in one delta (nobody watches: the Python API without listeners, batch).
-    """
-
-    def __init__(self, store: RequestCache, mode: str, replay_s: float):
-        self.store = store
-        self.mode = mode
-        self.replay_s = replay_s
-        self._warned = False
-
-    @classmethod
-    def for_settings(cls, settings, watched: bool) -> CallCache | None:
-        if settings.cache == "off":
-            return None
-        return cls(cache_for_settings(settings), settings.cache, settings.cache_replay_s if watched else 0.0)
-
-    def serves(self, body: dict) -> bool:
-        """`on`: every call; `auto`: calls whose answer is determined (temperature 0 or a seed)."""
-        return self.mode == "on" or body.get("temperature") == 0 or body.get("seed") is not None
-
-    async def serve(self, key: str, on_delta: Callable[[str], None]) -> CachedReply | None:
-        try:
-            hit = await self.store.lookup(key)
-        except Exception as exc:  # a broken cache is a miss, never a failed call
-            self._warn("read", exc)
-            return None
-        if hit is None:
-            return None
-        pieces = _pieces(hit.text, REPLAY_PIECES if self.replay_s > 0 else 1)
-        for number, piece in enumerate(pieces):
-            if number:
-                await asyncio.sleep(self.replay_s / len(pieces))
-            on_delta(piece)
-        return hit
-
-    async def keep(self, key: str, model: str, endpoint: str, reply: dict) -> None:
-        try:
-            await self.store.store(key, model, endpoint, reply)
-        except Exception as exc:
-            self._warn("write", exc)
-
-    def _warn(self, what: str, exc: Exception) -> None:
-        if not self._warned:
-            self._warned = True
-            log.warning("moa-magic could not %s the request cache %s: %s", what, self.store.path, exc)
-
-
-def _pieces(text: str, count: int) -> list[str]:
-    """`text` in up to `count` pieces of whole words that join back to it exactly."""
-    if not text:
-        return []
-    words = re.findall(r"\s*\S+\s*", text) or [text]
-    size = -(-len(words) // count)
-    return ["".join(words[i:i + size]) for i in range(0, len(words), size)]
