@@ -1,5 +1,9 @@
 """What is configured, and its `%moa list` / `%moa show` views: presets and providers, each provider
-with whether its key is set (never the key)."""
+with whether its key is set (never the key).
+
+Names, descriptions and prompts come from config files, untrusted: the text forms go through
+`render.terminal.terminal_safe` (they reach a terminal through `moa --list` and terminal IPython),
+the HTML forms through `html.escape`."""
 
 from __future__ import annotations
 
@@ -89,6 +93,8 @@ def preset_models(preset: Preset) -> str:
 
 
 def catalog_text(config: Config) -> str:
+    from .render.terminal import terminal_safe
+
     default = default_preset(config)
     lines = ["Presets (* the default, used without --preset):"]
     for name, preset in sorted(config.presets.items()):
@@ -101,7 +107,7 @@ def catalog_text(config: Config) -> str:
         lines.append(f"  {mark} {row['name']:<11} {row['key']:<36} {row['url']}")
     if config.files:
         lines.append(f"Config: {', '.join(config.files)}")
-    return "\n".join(lines)
+    return terminal_safe("\n".join(lines))
 
 
 def catalog_html(config: Config) -> str:
@@ -156,6 +162,8 @@ def preset_rows(preset: Preset, overrides: dict | None = None) -> list[tuple[str
 
 def preset_view(name: str, preset: Preset, overrides: dict | None = None) -> TextAndHtml:
     """`%moa show PRESET`; `overrides` are the notebook's MoaMagics defaults."""
+    from .render.terminal import terminal_safe
+
     rows = preset_rows(preset, overrides)
     text_lines = [f"Preset {name}:"]
     for key, value in rows:
@@ -168,4 +176,5 @@ def preset_view(name: str, preset: Preset, overrides: dict | None = None) -> Tex
         f"<td style='text-align:left;white-space:pre-wrap'>{e(v)}</td></tr>"
         for k, v in rows
     )
-    return TextAndHtml("\n".join(text_lines), f"<b>Preset <code>{e(name)}</code></b><table>{body}</table>")
+    return TextAndHtml(terminal_safe("\n".join(text_lines)),
+                       f"<b>Preset <code>{e(name)}</code></b><table>{body}</table>")

@@ -379,3 +379,50 @@ def test_a_moa_error_line_quoting_config_or_a_path_is_inert(tmp_path, command):
     _assert_inert(done.stderr)
     [line] = done.stderr.splitlines()
     assert line.startswith("moa: ") and "evil" in line
+
+
+def _hostile_toml(text: str) -> str:
+    """`text` with HOSTILE_NAME's control characters written as TOML escapes."""
+    return text.replace("\x1b", "\\u001b").replace("\x07", "\\u0007")
+
+
+# A config whose every listed name is hostile: a preset, its description, a model, a provider.
+HOSTILE_PRESET = f"{HOSTILE_NAME}<img src=x onerror=alert(1)>"
+HOSTILE_LISTING = _hostile_toml(
+    f'[providers."{HOSTILE_NAME}<b>"]\nbase_url = "https://llm.example/v1"\napi_key_env = "EVIL_KEY"\n\n'
+    f'[presets."{HOSTILE_PRESET}"]\ndescription = "{HOSTILE_NAME} described"\n'
+    f'layers = [["local:{HOSTILE_NAME}"]]\naggregator = "local:y"\n'
+)
+
+
+def _assert_listing_inert(text: str) -> None:
+    _assert_inert(text)
+    assert "evil]0;pwned" not in text  # the OSC sequence is gone whole, not only its ESC
+    assert "evil" in text and "described" in text
+
+
+def test_moa_list_prints_hostile_config_names_inert(tmp_path):
+    config = tmp_path / "moa.toml"
+    config.write_text(HOSTILE_LISTING, "utf-8")
+    done = subprocess.run([sys.executable, "-m", "moa_magic", "--list"], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, MOA_MAGIC_CONFIG=str(config)))
+    assert done.returncode == 0, done.stderr
+    _assert_listing_inert(done.stdout)
+
+
+def test_moa_list_and_show_in_the_magic_are_inert_as_text_and_html(shell, tmp_path, monkeypatch):
+    from IPython.utils.capture import capture_output
+
+    from helpers import assert_inert_html
+
+    config = tmp_path / "moa.toml"
+    config.write_text(HOSTILE_LISTING, "utf-8")
+    monkeypatch.setenv("MOA_MAGIC_CONFIG", str(config))
+    with capture_output() as cap:
+        shell.run_cell("%moa list").raise_error()
+        shell.run_cell(f"%moa show {HOSTILE_PRESET}").raise_error()
+    assert len(cap.outputs) == 2
+    for output in cap.outputs:
+        _assert_listing_inert(output.data["text/plain"])
+        assert_inert_html(output.data["text/html"])
+        assert "&lt;img src=x onerror=alert(1)&gt;" in output.data["text/html"]
