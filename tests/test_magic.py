@@ -14,7 +14,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from moa_magic.core import runner
-from moa_magic.notebook.magics import MoaMagics, interpolate
+from moa_magic.notebook.magics import MoaMagics
 from moa_magic.options import RUN_OPTIONS
 
 from chat_server import Reply, last_user_message
@@ -179,14 +179,16 @@ def test_line_is_not_expanded(shell, config, chat_server):
     assert shell.user_ns["_moa"].template == "Combine: {{x}}"
 
 
-def test_interpolate_refuses_private_attributes_and_unknown_names():
-    with pytest.raises(UsageError, match="no variable 'nope'"):
-        interpolate("{{nope}}", {})
-    with pytest.raises(UsageError, match="starting with '_'"):
-        interpolate("{{x.__class__}}", {"x": 1})
-    with pytest.raises(UsageError, match="has no attribute or key 'zz'"):
-        interpolate("{{x.zz}}", {"x": 1})
-    assert interpolate("{{ _moa }}", {"_moa": "last"}) == "last"
+def test_interpolation_refuses_private_attributes_and_unknown_names(shell, config, chat_server):
+    shell.user_ns.update(x=1, _moa="last")
+    for placeholder, message in [("{{nope}}", "no variable 'nope'"),
+                                 ("{{x.__class__}}", "starting with '_'"),
+                                 ("{{x.zz}}", "has no attribute or key 'zz'")]:
+        error, _ = run_error(shell, f"%%moa --preset fake\n{placeholder}")
+        assert type(error) is UsageError and message in str(error)
+    assert chat_server.chat_requests == []
+    run(shell, "%%moa --preset fake\n{{ _moa }}")
+    assert user_turns(chat_server)[0] == "last"
 
 
 def test_options_reach_the_requests(shell, config, chat_server):

@@ -426,3 +426,33 @@ def test_moa_list_and_show_in_the_magic_are_inert_as_text_and_html(shell, tmp_pa
         _assert_listing_inert(output.data["text/plain"])
         assert_inert_html(output.data["text/html"])
         assert "&lt;img src=x onerror=alert(1)&gt;" in output.data["text/html"]
+
+
+@pytest.mark.parametrize("cell", [
+    "%%moa --preset nope\nq",  # the config's preset names are listed in the message
+    "%moa cache info",  # a config file that cannot be read, named by its path
+    "%%moa --preset fake\nq",  # no final answer: the proposers' errors, a server's text
+])
+def test_the_magics_usage_errors_reach_a_terminal_inert(shell, write_moa_toml, chat_server, tmp_path,
+                                                       monkeypatch, cell):
+    """In terminal IPython a UsageError is printed as it is: its quotes of config values, paths and
+    servers' errors lose their escape sequences at the magics' edge."""
+    from IPython.core.error import UsageError
+    from IPython.utils.capture import capture_output
+
+    from helpers import FAKE_PRESET, FAKE_PROVIDER, NO_RETRIES
+
+    write_moa_toml("\n".join([FAKE_PROVIDER, FAKE_PRESET, NO_RETRIES]) + _hostile_toml(
+        f'[presets."{HOSTILE_NAME}"]\nlayers = [["fake:x"]]\naggregator = "fake:y"\n'
+    ).replace("{", "{{").replace("}", "}}"))
+    if cell.startswith("%moa cache"):
+        monkeypatch.setenv("MOA_MAGIC_CONFIG", str(tmp_path / f"{HOSTILE_NAME}.toml"))
+    chat_server.script(status=400, error_body={"error": {"message": f"bad {HOSTILE_NAME} request"}})
+    with capture_output() as cap:
+        outcome = shell.run_cell(cell)
+    error = outcome.error_in_exec
+    assert type(error) is UsageError
+    _assert_inert(str(error))
+    _assert_inert(cap.stderr)
+    assert "evil" in str(error) and "]0;pwned" not in str(error)
+    assert cap.stderr.startswith("UsageError: ") and "Traceback" not in cap.stderr

@@ -32,10 +32,7 @@ def row_prompts(cell: str, name: str, namespace) -> list[str]:
     prompts = []
     for number, row in enumerate(rows):
         fields = row if isinstance(row, dict) else {"row": row}
-        try:
-            prompts.append(fill(template, ChainMap(fields, namespace), f"row {number} of {name}"))
-        except MoaUserError as exc:
-            raise UsageError(str(exc)) from None
+        prompts.append(fill(template, ChainMap(fields, namespace), f"row {number} of {name}"))
     if not prompts:
         raise UsageError(f"--over {name}: it has no rows.")
     return prompts

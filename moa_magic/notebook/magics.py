@@ -25,7 +25,6 @@ import re
 import sys
 import textwrap
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 from IPython.core import magic_arguments
@@ -48,14 +47,20 @@ _LIFECYCLE = threading.Lock()
 
 
 def _user_errors_as_usage_errors(func):
-    """The magics' edge: a `MoaUserError` from anywhere below becomes IPython's one-line UsageError."""
+    """The magics' edge: a `MoaUserError` from anywhere below becomes IPython's one-line UsageError.
+
+    Every message leaving the magics passes here, also a UsageError raised below: they quote config
+    values, file names, model names and servers' errors, all untrusted, and terminal IPython prints
+    them as they are, so their escape sequences are removed here."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except MoaUserError as exc:
-            raise UsageError(str(exc)) from None
+        except (MoaUserError, UsageError) as exc:
+            from ..render.terminal import terminal_safe
+
+            raise UsageError(terminal_safe(str(exc))) from None
 
     return wrapper
 
@@ -65,14 +70,6 @@ def _with_run_options(func):
     for flags, kwargs in reversed(RUN_OPTIONS):
         func = magic_arguments.argument(*flags, **kwargs)(func)
     return func
-
-
-def interpolate(text: str, namespace: Mapping) -> str:
-    """`{{name}}` / `{{ name.attr }}` filled from the user's variables (rules: moa_magic/template.py)."""
-    try:
-        return fill(text, namespace, "the notebook")
-    except MoaUserError as exc:
-        raise UsageError(str(exc)) from None
 
 
 class _Pump:
@@ -227,7 +224,8 @@ class MoaMagics(Magics):
 
             return run_over(self, args, cell, run_options(args, **self._defaults()))
         # blank lines around the prompt are layout, not content (indentation of the first line is kept)
-        prompt = interpolate(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns)
+        prompt = fill(re.sub(r"\A(?:[ \t]*\n)+", "", cell or "").rstrip(), self.shell.user_ns,
+                      "the notebook")
         options = run_options(args, **self._defaults())
         from .chat import chat_cell, check_history_options
 

@@ -63,8 +63,6 @@ def moa_cache(magics, rest: str) -> None:
         raise UsageError(f"%moa cache takes info or clear, got {rest!r}.")
     try:
         outcome = cache_command(rest, magics.config_file or None)
-    except MoaUserError as exc:
-        raise UsageError(str(exc)) from None
     except (sqlite3.Error, OSError) as exc:
         raise UsageError(f"The request cache cannot be read: {exc}. Move it with [settings] "
                          f"cache_path or delete the file.") from None
