@@ -237,3 +237,31 @@ def test_magic_over_a_list_and_a_dataframe(config, chat_server):
         shell.run_line_magic("unload_ext", "moa_magic")
         for name in ("questions", "tone", "answers", "table", "_moa_batch"):
             shell.user_ns.pop(name, None)
+
+
+def test_an_interrupt_in_the_magic_ends_in_one_line_with_the_finished_rows(shell, config, chat_server):
+    from IPython.core.error import UsageError
+    from IPython.utils.capture import capture_output
+
+    chat_server.script(match=lambda body: "slow" in str(body["messages"]), reply=Reply(hang=True))
+    shell.user_ns["rows"] = ["fast", "slow"]
+
+    def interrupt():  # the fast row answered, the slow row's proposers are waiting at the server
+        chat_server.wait_for_requests(7, timeout=10)  # 3 + aggregator, 3
+        wait_until(lambda: last_batch().rows[0].status == "done" and main_thread_in(runner.wait),
+                   "the fast row")
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with capture_output() as cap:
+        outcome = shell.run_cell("%%moa --preset fake --over rows --out partial\n{{row}}")
+    error = outcome.error_in_exec
+    assert type(error) is UsageError  # IPython prints this one line, no KeyboardInterrupt traceback
+    assert str(error) == "Batch cancelled (interrupted): the finished rows are in _moa_batch and partial."
+    assert "Traceback" not in cap.stderr + cap.stdout and "KeyboardInterrupt" not in cap.stderr
+    result = shell.user_ns["_moa_batch"]
+    assert shell.user_ns["partial"] is result and result.status == "cancelled"
+    assert [row.status for row in result.rows] == ["done", "cancelled"]
+    assert result.rows[0].result.final == "agg says: fast"
+    assert "1 done" in cap.stdout  # the partial batch's summary was shown
+    chat_server.wait_idle()

@@ -120,12 +120,12 @@ def test_magic(shell, saved_run, hanging_server, ctrl_c_at_submit, kind):  # sav
         outcome = shell.run_cell(cell)
     assert interrupted
     error = outcome.error_in_exec
-    if kind == "over":  # a batch ends in the KeyboardInterrupt itself, its rows kept
-        assert type(error) is KeyboardInterrupt
+    assert type(error) is UsageError and "Traceback" not in cap.stderr + cap.stdout
+    if kind == "over":
+        assert str(error).startswith("Batch cancelled (interrupted): the finished rows are in _moa_batch")
         assert shell.user_ns["_moa_batch"] is shell.user_ns["partial"]
         assert shell.user_ns["partial"].status == "cancelled"
     else:
-        assert type(error) is UsageError and "Traceback" not in cap.stderr + cap.stdout
         assert str(error).startswith("Run cancelled (interrupted): the partial result is in _moa")
         partial = shell.user_ns["_moa"]
         assert partial.status == "cancelled"

@@ -4,7 +4,8 @@ NAME is a list (of strings: `{{row}}`; of dicts: their keys), a pandas Series (`
 DataFrame (its columns). Each row's prompt is the cell with `{{name}}` filled from the row first,
 then from the notebook's variables (moa_magic/template.py, the same rules as a single `%%moa`).
 One progress widget shows the whole batch (not a tree per row); the result goes to `_moa_batch`
-(and `--out NAME`), also a partial one after an interrupt, and its summary is displayed.
+(and `--out NAME`), also a partial one after an interrupt (which ends the cell in one line, as a
+single run's does), and its summary is displayed.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def row_prompts(cell: str, name: str, namespace) -> list[str]:
 
 def run_over(magics, args, cell: str, options: dict):
     from ..core import batch as batching
+    from ..core.result import Status
     from ..core.runner import wait
     from ..render.batch import TerminalProgress, WidgetProgress, show
 
@@ -59,12 +61,21 @@ def run_over(magics, args, cell: str, options: dict):
         progress = TerminalProgress(sys.stdout)
     run = batching.BatchRun(plan, cfg, prompts, options.get("max_cost"))
     job = batching.start(run)
+    interrupted = False
     try:
         wait(job, tick=lambda: progress(run.progress))
+    except KeyboardInterrupt:
+        interrupted = True
+        if run.result.status == Status.RUNNING:  # the batch did not mark it within the grace
+            run.result.status, run.result.error = Status.CANCELLED, "interrupted"
     finally:
         progress(run.progress)
         magics.shell.user_ns["_moa_batch"] = run.result
         if args.out:
             magics.shell.user_ns[args.out] = run.result
         display(show(run.result))
+    if interrupted:
+        # as a single run's: one line, no traceback, and the kernel still stops a Run All here
+        raise UsageError(f"Batch cancelled (interrupted): the finished rows are in _moa_batch"
+                         f"{' and ' + args.out if args.out else ''}.")
     return None
