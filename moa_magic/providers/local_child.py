@@ -1,6 +1,6 @@
 """The embedded server's process: watchdogs that end it with its owner, then llama_cpp.server.
 
-Run as a script (by path, so it needs nothing importable but llama_cpp) by `local.server_command`;
+Run as a script (by path, so it needs nothing importable but llama_cpp) by `local_command.server_command`;
 argv holds llama_cpp.server's own flags. See providers/local.py for why the watchdogs exist.
 """
 

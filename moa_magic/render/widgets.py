@@ -22,7 +22,8 @@ escaped. Proposers stream as escaped plain text and become rendered Markdown whe
 Colours and sizes are the JupyterLab theme's (render/theme.py).
 
 When the run ends the magic replaces this view with the finished one (render/view.py) and
-disposes of these widgets; a tree used directly stays live until `dispose()`.
+disposes of these widgets; a tree used directly stays live until `dispose()`, or until it is one
+of the oldest finished trees beyond those a process keeps live (render/live_trees.py).
 
 The renderer is a listener: the engine calls it from its worker thread. A call's first chunk is
 pushed at once (the first token is what a user waits for); later updates are coalesced: a widget
@@ -30,18 +31,10 @@ is written at most once per `interval` (50 ms → ≤ 20 updates/s per widget; l
 costly: at least 10× its render+send time) by the event itself or by a small flusher thread that
 also ticks the elapsed time, and always at once with the final state on CallFinished /
 CallFailed / RunFinished. One lock serializes all widget writes.
-
-Widgets live in the kernel until closed. A process keeps the last LIVE_TREES trees live (clickable);
-when a newer tree would exceed that, the oldest finished one is disposed: its widgets (with their
-layouts and styles) are closed and its run dropped, so 500 runs hold as many widgets as 20.
-
-Over 400 lines on purpose: the coalescing (who pushes when, from which thread) and the widgets it
-writes are one piece of state; split, every change would touch both halves.
 """
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -52,6 +45,7 @@ from ..core.events import (
 )
 from ..core.result import Status
 from ..figures import run_title
+from . import live_trees
 from .format import shown_error
 from .mixture import answer_head_html, card_head_html
 from .parts import call_body_html, esc, final_body_html, layer_title
@@ -63,9 +57,6 @@ if TYPE_CHECKING:
     from ..core.result import CallRecord, MoaResult
 
 INTERVAL_S = 0.05
-LIVE_TREES = 20
-_live_trees: collections.deque = collections.deque()
-_live_lock = threading.Lock()
 CARD_TEXT_MAX_HEIGHT = "14em"
 CARD_MIN_WIDTH = "170px"
 
@@ -179,7 +170,7 @@ class TreeRenderer:
         self.widget = w.VBox([w.HTML(CSS), self.header, self.final.section, *self.layer_sections])
         self.widget.add_class("moa-tree")
         self._disposed = False
-        _keep_live(self)
+        live_trees.keep(self)
 
     @classmethod
     def for_plan(cls, plan: Plan, **kwargs) -> TreeRenderer:
@@ -213,6 +204,11 @@ class TreeRenderer:
     @property
     def final_widget(self):
         return self.final.text
+
+    @property
+    def closed(self) -> bool:
+        """The run it shows has ended (or the tree was closed): it only changes on a click now."""
+        return self._closed
 
     @property
     def ticker(self) -> threading.Thread | None:
@@ -280,13 +276,11 @@ class TreeRenderer:
 
     def dispose(self) -> None:
         """Close every widget of the tree (their views vanish) and drop the run it showed."""
-        with _live_lock:
-            if self in _live_trees:
-                _live_trees.remove(self)
+        live_trees.forget(self)
         with self._lock:
             self._stop.set()
             self._closed = self._disposed = True
-            for widget in _with_parts(self.widget):
+            for widget in live_trees.widget_parts(self.widget):
                 widget.close()
             self._result = None
             for node in [*self.nodes.values(), self.final]:
@@ -410,28 +404,3 @@ class TreeRenderer:
         if flusher is not None and flusher is not threading.current_thread():
             flusher.join(timeout=1.0)
 
-
-def _with_parts(widget):
-    """`widget`, its layout and style, and the same for all its children, depth first."""
-    yield widget
-    for part in (getattr(widget, "layout", None), getattr(widget, "style", None)):
-        if part is not None:
-            yield part
-    for child in getattr(widget, "children", ()):
-        yield from _with_parts(child)
-
-
-def _keep_live(tree: TreeRenderer) -> None:
-    """Register a new tree; dispose of the oldest finished trees beyond LIVE_TREES."""
-    with _live_lock:
-        _live_trees.append(tree)
-        retired = []
-        for old in list(_live_trees):
-            if len(_live_trees) - len(retired) <= LIVE_TREES:
-                break
-            if old._closed:
-                retired.append(old)
-        for old in retired:
-            _live_trees.remove(old)
-    for old in retired:
-        old.dispose()
