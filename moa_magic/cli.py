@@ -1,18 +1,19 @@
-"""The `moa` command: a thin front end over `moa_magic.run`."""
+"""The `moa` command: a thin front end over `moa_magic.run`.
+
+Only `sys` at the top: `entry` asks for a warm daemon (moa_magic/warm/) before anything else loads.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from typing import NoReturn
-
-from .version import __version__
-from .commands import SUBCOMMANDS
-from .options import RUN_OPTIONS, SAVE_OPTION, SHOW_PROPOSERS_OPTION, run_options
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
+    import argparse
+
+    from .options import RUN_OPTIONS, SAVE_OPTION, SHOW_PROPOSERS_OPTION
+    from .version import __version__
+
     parser = argparse.ArgumentParser(
         prog="moa",
         description="Run a prompt through a layered Mixture-of-Agents and print the final answer.",
@@ -34,13 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .commands import SUBCOMMANDS
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in SUBCOMMANDS:
         import importlib
 
         return importlib.import_module(f"{__package__}.commands.{argv[0]}").main(argv[1:])
+    import json
+
     from .errors import MoaUserError, RunFailed
     from .core.runner import run
+    from .options import run_options
 
     args = build_parser().parse_args(argv)
     try:
@@ -107,15 +113,33 @@ def main(argv: list[str] | None = None) -> int:
     return 2 if _save(args.save, result) is False else 0
 
 
-def entry() -> NoReturn:
-    """The `moa` command: `main`, then an exit that does not tear the interpreter down.
+def entry() -> "NoReturn":
+    """The `moa` command: in this install's warm daemon when one runs (`moa daemon start`), else here."""
+    from .warm.client import run_warm
+
+    code = run_warm(sys.argv[1:])
+    if code is None:
+        run_here()
+    _exit(code)
+
+
+def run_here() -> "NoReturn":
+    """`main`, then an exit that does not tear the interpreter down; the daemon's children run
+    this too (moa_magic/warm/server.py), so a command behaves the same cold and warm.
 
     Freeing every module, aiohttp's and tiktoken's tables included, took 0.1-0.4 s after the answer
     was printed: longer than a whole layer on a fast provider. Exit handlers (the embedded server's
     shutdown, the run loop's) still run; what a run writes (cache, --save) is done before `main`
     returns.
     """
-    code = main()
+    try:
+        code = main()
+    except SystemExit as exc:  # argparse: a usage error (2), --help or --version (0)
+        code = exc.code or 0
+    _exit(code)
+
+
+def _exit(code: int) -> "NoReturn":
     import atexit
     import os
 

@@ -90,6 +90,14 @@ def price_for(provider: "Provider", model: str, user_prices: dict[str, dict[str,
     return _lookup(provider.price_provider or provider.name, url, model)
 
 
+def load_price_data() -> None:
+    """Import genai-prices and build its bundled price table now (the warm process does, before
+    it forks: moa_magic/warm/server.py), instead of on the first lookup."""
+    from genai_prices import data_snapshot
+
+    data_snapshot.get_snapshot()
+
+
 def _is_local_url(url: str) -> bool:
     if url.startswith("embedded:"):
         return True

@@ -43,6 +43,7 @@ __all__ = [
     "loaded_encodings",
     "get_encoding",
     "load_encoding",
+    "ENCODING_NAMES",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -80,6 +81,8 @@ _SPECS: dict[str, dict[str, Any]] = {
         "special_tokens": {ENDOFTEXT: 199999, ENDOFPROMPT: 200018},
     },
 }
+
+ENCODING_NAMES = tuple(_SPECS)
 
 # Tokens added per chat message, and for priming the reply (OpenAI's published counting recipe).
 TOKENS_PER_MESSAGE = 3

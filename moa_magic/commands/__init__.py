@@ -3,4 +3,4 @@
 A prompt that is exactly a subcommand's name still runs as a prompt with `moa -- cache`.
 """
 
-SUBCOMMANDS = ("cache", "replay", "chat", "serve", "batch")
+SUBCOMMANDS = ("cache", "replay", "chat", "serve", "batch", "daemon")

@@ -1,0 +1,208 @@
+"""The `moa` side of the warm process: find this install's daemon, hand it the command, relay
+signals, exit with the command's status.
+
+Standard library only, and nothing the cold path would not import anyway: when no daemon serves
+this install, `moa` pays for a fingerprint and one failed `stat` (`bench/bench_startup.py`).
+
+The protocol, on a Unix stream socket whose name carries the fingerprint (`socket_path`):
+- `run\\n` with four file descriptors (stdin, stdout, stderr, and the read end of a pipe that
+  carries the JSON header: argv, cwd, environment, umask, sys.path, stdio encodings). The daemon
+  itself never reads the header, so the client's environment (API keys) is only ever in the
+  child's memory. Then the client may send `signal N\\n` (Ctrl-C, SIGTERM, SIGHUP it received).
+  The daemon answers `started PID\\n` once it forked the child, and `exit STATUS\\n` when the child
+  ended. A connection that ends before `started` means nothing ran: the client runs cold.
+- `status\\n`: one JSON line (pid, uptime, runs served, idle timeout, RSS), then the daemon closes.
+- `stop\\n`: `stopping N\\n` (N commands still running), then the connection stays open until the
+  daemon process has exited.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DISABLE_ENV = "MOA_MAGIC_DAEMON"
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# sizeof(sockaddr_un.sun_path) minus its terminating NUL
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
+FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+# Environment read at import by the modules the daemon preloads (aiohttp's TLS contexts read the CA
+# bundle, the *_NO_EXTENSIONS switches pick C or Python code, the locale sets default encodings,
+# PYTHON* steer the interpreter): a daemon only serves clients whose values are the same.
+IMPORT_TIME_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR", "AIOHTTP_NOSENDFILE", "PYDANTIC_DISABLE_PLUGINS",
+                   "LANG", "LC_ALL", "LC_CTYPE")
+
+
+def supported() -> bool:
+    """fork, AF_UNIX and passing file descriptors (socket.send_fds): Linux, macOS, the BSDs."""
+    return os.name == "posix" and hasattr(os, "fork")
+
+
+def disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() == "off"
+
+
+def user_cache_dir() -> str:
+    """platformdirs.user_cache_path("moa-magic") (where the request cache lives), without importing
+    platformdirs (~10 ms): absolute $XDG_CACHE_HOME, else ~/Library/Caches (macOS), else ~/.cache."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.expanduser("~/Library/Caches" if sys.platform == "darwin" else "~/.cache")
+    return os.path.join(base, "moa-magic")
+
+
+def run_dir() -> str:
+    """Where daemons keep their sockets and logs: $XDG_RUNTIME_DIR/moa-magic, else the cache dir's run/."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        return os.path.join(runtime, "moa-magic")
+    return os.path.join(user_cache_dir(), "run")
+
+
+def fingerprint() -> str:
+    """What a command's process would import and how: the interpreter, its flags and path, this
+    package's files (an edited module makes older daemons unreachable; they end when idle) and the
+    environment read at import. sys.path[0] is left out: it is the script's directory, or the
+    working directory under `python -m`, and the child gets the client's sys.path anyway."""
+    import hashlib
+
+    parts = [sys.executable, sys.version, repr(sys.path[1:]), repr(tuple(sys.flags)), PACKAGE_DIR]
+    parts += sorted(f"{name}={value}" for name, value in os.environ.items()
+                    if name in IMPORT_TIME_ENV or name.startswith("PYTHON")
+                    or name.endswith("_NO_EXTENSIONS"))
+    folders = [PACKAGE_DIR]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != "__pycache__":  # bytecode: written by the daemon's own imports
+                        folders.append(entry.path)
+                else:
+                    stat = entry.stat()
+                    parts.append(f"{entry.path}\0{stat.st_mtime_ns}\0{stat.st_size}")
+    parts[5:] = sorted(parts[5:])
+    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def socket_path() -> str:
+    return os.path.join(run_dir(), f"{fingerprint()}.sock")
+
+
+def run_warm(argv: list[str]) -> int | None:
+    """Run this command in the daemon: its exit status, or None when it must run here (no daemon
+    of this install, disabled, unsupported, or the daemon went away before starting it)."""
+    if disabled() or not supported() or (argv and argv[0] == "daemon"):
+        return None
+    path = socket_path()
+    try:
+        os.stat(path)
+    except (OSError, ValueError):  # none running; ValueError: a NUL in the environment's paths
+        return None
+    sock = _connect(path)
+    if sock is None:
+        return None
+    with sock:
+        return _relay(sock)
+
+
+def _connect(path: str):
+    import socket
+
+    if len(path) > MAX_SOCKET_PATH or not hasattr(socket, "send_fds"):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:  # a socket left by a daemon that was killed
+        sock.close()
+        return None
+    return sock
+
+
+def _relay(sock) -> int | None:
+    import json
+    import signal
+    import socket
+
+    header_in, header_out = os.pipe()
+    try:
+        socket.send_fds(sock, [b"run\n"], [0, 1, 2, header_in])
+    except OSError:  # a standard stream is closed (EBADF), or the daemon went away
+        os.close(header_out)
+        return None
+    finally:
+        os.close(header_in)
+
+    def forward(signum, frame):
+        try:
+            sock.sendall(f"signal {signum}\n".encode())
+        except OSError:
+            pass
+
+    for name in FORWARDED_SIGNALS:
+        signal.signal(getattr(signal, name), forward)
+    umask = os.umask(0)
+    os.umask(umask)
+    header = json.dumps({
+        "argv": sys.argv, "cwd": os.getcwd(), "environ": dict(os.environ), "umask": umask,
+        "path": sys.path, "stdio": [_stream_spec(stream) for stream in (sys.stdin, sys.stdout, sys.stderr)],
+    }).encode()
+    try:
+        with open(header_out, "wb") as pipe:
+            pipe.write(header)
+    except OSError:  # the daemon closed the pipe unread: it went away before forking
+        pass
+    started, buffer = False, b""
+    while True:
+        try:
+            data = sock.recv(256)
+        except OSError:
+            data = b""
+        if not data:
+            if not started:
+                return None
+            print("moa: the warm process (`moa daemon`) went away before the command ended; run it "
+                  "again, or with MOA_MAGIC_DAEMON=off.", file=sys.stderr)
+            return 1
+        buffer += data
+        while b"\n" in buffer:
+            line, _, buffer = buffer.partition(b"\n")
+            word, _, value = line.decode().partition(" ")
+            if word == "started":
+                started = True
+            elif word == "exit":
+                return int(value)
+
+
+def _stream_spec(stream) -> dict | None:
+    """How Python set this standard stream up, so the child builds its own the same way."""
+    if stream is None:
+        return None
+    return {"encoding": stream.encoding, "errors": stream.errors,
+            "line_buffering": stream.line_buffering, "write_through": stream.write_through}
+
+
+def ask(path: str, command: str) -> tuple[object, bytes] | None:
+    """Send `status` or `stop` to the daemon at `path`: (the open socket, its first line), or None
+    when no daemon answers there. The caller closes the socket."""
+    try:
+        os.stat(path)
+    except OSError:
+        return None
+    sock = _connect(path)
+    if sock is None:
+        return None
+    try:
+        sock.sendall(f"{command}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            data = sock.recv(4096)
+            if not data:
+                break
+            line += data
+    except OSError:
+        line = b""
+    if not line.endswith(b"\n"):
+        sock.close()
+        return None
+    return sock, line
