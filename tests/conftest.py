@@ -29,8 +29,11 @@ def _no_real_keys(monkeypatch):
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     """Every test gets an empty request cache of its own (also its subprocesses and kernels), never
-    the user's: platformdirs puts the cache under $XDG_CACHE_HOME."""
+    the user's: platformdirs puts the cache under $XDG_CACHE_HOME. Without $XDG_RUNTIME_DIR the
+    `moa` commands it starts look for a warm daemon (`moa daemon`) there too, so never the user's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("MOA_MAGIC_DAEMON", raising=False)
 
 
 @pytest.fixture(autouse=True)
