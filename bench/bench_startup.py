@@ -12,6 +12,8 @@ after `--delay` seconds, and prints, best and median of `--runs`:
   the slowest call as the server saw it (its first request in, its last byte out).
 
 Both sides read CLOCK_MONOTONIC (`time.monotonic`), which one machine shares between processes.
+The same command then runs warm, forked from a `moa daemon` started once in the bench's environment
+(stopped at the end), interleaved with the cold runs, and the daemon's fork itself is timed.
 Then the same for the first `%%moa` in a fresh IPython shell (a subprocess): cell start -> first
 request, and the run's wall / critical path; once right after `%load_ext`, once 1 s after it (as
 when they are two cells: the extension imports the HTTP client meanwhile).
@@ -64,6 +66,7 @@ def critical_path(requests: list[dict], layers: int, proposers: int) -> float:
 
 
 def one_command(server: ChatServer, env: dict, layers: int, proposers: int) -> tuple[float, float, float, float]:
+    """Start -> first request, last byte -> exit, wall / critical, first request -> last byte / critical."""
     server.reset()
     server.default_reply = REPLY
     flags = [arg for i in range(proposers) for arg in ("-p", f"fake:m{i}")]
@@ -105,6 +108,46 @@ def aiohttp_floor(env: dict) -> float:
     return float(done.stdout) - started
 
 
+FORK_SCRIPT = """\
+import os, statistics, time
+from moa_magic.warm.server import preload
+preload()
+times = []
+for _ in range(20):
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    times.append(time.perf_counter() - started)
+    os.waitpid(pid, 0)
+print(min(times) * 1000, statistics.median(times) * 1000)
+"""
+
+
+def daemon(env: dict, action: str) -> None:
+    subprocess.run([sys.executable, "-m", "moa_magic", "daemon", action], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def print_rows(title: str, rows: list[tuple], floors: list[float] | None = None) -> None:
+    print(title)
+    for label, index, goal in (("start -> first request", 0, "goal <= 150 ms"),
+                               ("last byte -> exit", 1, "")):
+        values = [r[index] * 1000 for r in rows]
+        print(f"  {label:24} best {min(values):6.1f} ms · median {statistics.median(values):6.1f} ms"
+              + (f" ({goal})" if goal else ""))
+    if floors:
+        print(f"  {'python + import aiohttp':24} best {min(floors) * 1000:6.1f} ms · median "
+              f"{statistics.median(floors) * 1000:6.1f} ms (the floor: start -> first request / floor, "
+              f"median {statistics.median(r[0] for r in rows) / statistics.median(floors):.2f})")
+    ratios = [r[2] for r in rows]
+    print(f"  {'command wall / critical':24} best {min(ratios):6.3f}    · median "
+          f"{statistics.median(ratios):6.3f}    (goal <= 1.10)")
+    inner = [r[3] for r in rows]
+    print(f"  {'first request -> last byte / critical':24} best {min(inner):6.3f} · median "
+          f"{statistics.median(inner):6.3f} (the run itself, without start-up and exit)")
+
+
 REPLY = Reply()
 
 
@@ -118,40 +161,39 @@ def main() -> int:
     args = parser.parse_args()
     REPLY = Reply(delay=args.delay, text="a short answer")
 
-    with ChatServer() as server, tempfile.TemporaryDirectory() as tmp:
+    # a short runtime directory: a Unix socket's path has at most 107 bytes
+    with ChatServer() as server, tempfile.TemporaryDirectory() as tmp, \
+            tempfile.TemporaryDirectory(prefix="moa-run-") as run_dir:
         config = Path(tmp) / "moa.toml"
         config.write_text(TOML.format(url=server.url))
-        env = dict(os.environ, MOA_MAGIC_CONFIG=str(config), XDG_CACHE_HOME=tmp,
+        env = dict(os.environ, MOA_MAGIC_CONFIG=str(config), XDG_CACHE_HOME=tmp, XDG_RUNTIME_DIR=run_dir,
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                    PYTHONPYCACHEPREFIX=str(Path(tmp) / "pycache"))
         # As on a user's machine, where pip compiled the package: modules load from bytecode (the
         # warm-up run writes it, outside the tree), not from source on every start.
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        one_command(server, env, args.layers, args.proposers)  # warm-up: the OS file cache
-        rows, floors = [], []
-        for _ in range(args.runs):  # interleaved, so both see the same machine
-            rows.append(one_command(server, env, args.layers, args.proposers))
-            floors.append(aiohttp_floor(env))
+        cold_env = dict(env, MOA_MAGIC_DAEMON="off")
+        one_command(server, cold_env, args.layers, args.proposers)  # warm-up: the OS file cache
+        daemon(env, "start")
+        try:
+            one_command(server, env, args.layers, args.proposers)
+            rows, warm_rows, floors = [], [], []
+            for _ in range(args.runs):  # interleaved, so all see the same machine
+                rows.append(one_command(server, cold_env, args.layers, args.proposers))
+                warm_rows.append(one_command(server, env, args.layers, args.proposers))
+                floors.append(aiohttp_floor(env))
+        finally:
+            daemon(env, "stop")
+        forks = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True,
+                               text=True, check=True).stdout.split()
         # `%load_ext` then at once the cell, and with the pause of a user running them as two cells
         cells = {pause: [first_cell(server, env, args.layers, args.proposers, pause)
                          for _ in range(max(1, args.runs // 2))] for pause in (0.0, 1.0)}
 
-    print(f"`moa` as a fresh process: {args.layers} layers × {args.proposers} proposers, "
-          f"{args.delay * 1000:.0f} ms per call, {args.runs} runs")
-    for label, index, goal in (("start -> first request", 0, "goal <= 150 ms"),
-                               ("last byte -> exit", 1, "")):
-        values = [r[index] * 1000 for r in rows]
-        print(f"  {label:24} best {min(values):6.1f} ms · median {statistics.median(values):6.1f} ms"
-              + (f" ({goal})" if goal else ""))
-    print(f"  {'python + import aiohttp':24} best {min(floors) * 1000:6.1f} ms · median "
-          f"{statistics.median(floors) * 1000:6.1f} ms (the floor: start -> first request / floor, "
-          f"median {statistics.median(r[0] for r in rows) / statistics.median(floors):.2f})")
-    ratios = [r[2] for r in rows]
-    print(f"  {'command wall / critical':24} best {min(ratios):6.3f}    · median "
-          f"{statistics.median(ratios):6.3f}    (goal <= 1.10)")
-    inner = [r[3] for r in rows]
-    print(f"  {'first request -> last byte / critical':24} best {min(inner):6.3f} · median "
-          f"{statistics.median(inner):6.3f} (the run itself, without start-up and exit)")
+    shape = f"{args.layers} layers × {args.proposers} proposers, {args.delay * 1000:.0f} ms per call, {args.runs} runs"
+    print_rows(f"`moa` as a fresh process: {shape}", rows, floors)
+    print_rows(f"`moa` forked from a warm `moa daemon`: {shape}", warm_rows)
+    print(f"  {'fork in the daemon':24} best {float(forks[0]):6.1f} ms · median {float(forks[1]):6.1f} ms")
     for pause, runs in cells.items():
         print(f"first %%moa in a fresh IPython shell, {pause:.0f} s after %load_ext ({len(runs)} runs):")
         print(f"  {'cell start -> request':24} best {min(c[0] for c in runs) * 1000:6.1f} ms · median "

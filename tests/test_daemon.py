@@ -167,21 +167,26 @@ def test_a_command_gives_the_same_output_cold_and_warm(daemon, client_env, chat_
         "usage error (argparse)": ["--preset", "fake", "--layers", "two", QUESTION],
         "usage error (moa)": ["--preset", "no-such-preset", QUESTION],
         "failed run": ["--preset", "fake", "--no-cache", "--quiet", "--json", "--fail", QUESTION],
+        "chat on stdin": ["chat", "--preset", "fake", "--no-cache", "--quiet"],
     }
     for name, args in cases.items():
         failing = "--fail" in args
         args = [arg for arg in args if arg != "--fail"]
         chat_server.default_reply = Reply(status=400) if failing else Reply()
+        stdin = b"first turn\nsecond turn\n" if args[0] == "chat" else b""
         before = daemon.served()
-        cold, warm = moa(*args, env=cold_env), moa(*args, env=client_env)
+        cold, warm = moa(*args, env=cold_env, input=stdin), moa(*args, env=client_env, input=stdin)
         assert daemon.served() == before + 1, f"{name}: the warm command did not run in the daemon"
         assert (warm.returncode, warm.stderr) == (cold.returncode, cold.stderr), name
         if "--json" in args:
             assert without_timings(json.loads(warm.stdout)) == without_timings(json.loads(cold.stdout))
         else:
             assert warm.stdout == cold.stdout, name
-        assert cold.returncode == {"run": 0, "json": 0, "--version": 0, "failed run": 1}.get(name, 2)
-    assert cold.stderr.startswith(b"moa: No final answer") and json.loads(cold.stdout)["status"] == "failed"
+        assert cold.returncode == {"failed run": 1}.get(name, 2 if "error" in name else 0), name
+        if name == "failed run":
+            assert cold.stderr.startswith(b"moa: No final answer") and json.loads(cold.stdout)["status"] == "failed"
+        if name == "chat on stdin":
+            assert cold.stdout == b"agg says: first turn\nagg says: second turn\n"
 
 
 def test_stdin_cwd_config_save_umask_and_keys_are_the_clients(daemon, client_env, chat_server, tmp_path):
