@@ -120,7 +120,6 @@ def _connect(path: str):
 
 
 def _relay(sock) -> int | None:
-    import json
     import signal
     import socket
 
@@ -139,14 +138,28 @@ def _relay(sock) -> int | None:
         except OSError:
             pass
 
-    for name in FORWARDED_SIGNALS:
-        signal.signal(getattr(signal, name), forward)
+    handlers = {signum: signal.signal(signum, forward)
+                for signum in (getattr(signal, name) for name in FORWARDED_SIGNALS)}
+    code = _wait_for_exit(sock, _header(), header_out)
+    if code is None:  # nothing ran: the command runs here, with Python's own Ctrl-C
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return code
+
+
+def _header() -> bytes:
+    import json
+
     umask = os.umask(0)
     os.umask(umask)
-    header = json.dumps({
+    return json.dumps({
         "argv": sys.argv, "cwd": os.getcwd(), "environ": dict(os.environ), "umask": umask,
         "path": sys.path, "stdio": [_stream_spec(stream) for stream in (sys.stdin, sys.stdout, sys.stderr)],
     }).encode()
+
+
+def _wait_for_exit(sock, header: bytes, header_out: int) -> int | None:
+    """Write the header to the child's pipe, then wait for `exit STATUS` (None: nothing started)."""
     try:
         with open(header_out, "wb") as pipe:
             pipe.write(header)
