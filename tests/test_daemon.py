@@ -388,3 +388,42 @@ def test_the_run_directory_follows_the_cache_directory_without_platformdirs(monk
         assert client.run_dir() == str(expected / "run")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert client.run_dir() == str(tmp_path / "moa-magic")
+
+
+def test_concurrent_commands_each_get_their_own_output_and_status(daemon, client_env):
+    pid = daemon.start()
+    prompts = [f"question number {n}" for n in range(4)]
+    commands = [subprocess.Popen([sys.executable, "-m", "moa_magic", "--preset", "fake", "--no-cache",
+                                  "--quiet", *(["--layers", "0"] if n == 3 else []), prompt],
+                                 env=client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for n, prompt in enumerate(prompts)]
+    outcomes = [(command.communicate(timeout=DEADLINE_S)[0], command.returncode) for command in commands]
+    assert outcomes[:3] == [(f"agg says: {prompt}\n".encode(), 0) for prompt in prompts[:3]]
+    assert outcomes[3] == (b"", 2)
+    assert daemon.served() == 4
+    assert len(os.listdir(f"/proc/{pid}/task")) == 1  # still one thread: the next fork is safe
+
+
+def test_a_killed_daemon_leaves_a_socket_that_commands_and_start_get_past(daemon, client_env, runtime_dir):
+    pid = daemon.start()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), "the killed daemon is gone")
+    assert list((Path(runtime_dir) / "moa-magic").glob("*.sock"))  # nobody removed it
+    done = moa("--preset", "fake", "--no-cache", "--quiet", QUESTION, env=client_env)
+    assert done.returncode == 0 and done.stdout == f"agg says: {QUESTION}\n".encode()
+    assert daemon.status() is None
+    assert daemon.start() != pid
+    assert moa("--preset", "fake", "--no-cache", "--quiet", QUESTION, env=client_env).returncode == 0
+    assert daemon.served() == 1
+
+
+def test_two_starts_at_once_give_one_daemon(daemon, client_env):
+    starts = [subprocess.Popen([sys.executable, "-m", "moa_magic", "daemon", "start"], env=client_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outputs = [start.communicate(timeout=120) for start in starts]
+    assert [start.returncode for start in starts] == [0, 0], outputs
+    pids = {int(re.search(r"\(pid (\d+)\)", out)[1]) for out, _ in outputs}
+    daemon.pids |= pids
+    assert pids == {daemon.status()["pid"]}
+    assert any("already running" in out for out, _ in outputs)

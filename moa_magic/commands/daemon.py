@@ -12,9 +12,11 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from ..warm import client
+from ..warm.server import ANOTHER_DAEMON
 
 START_TIMEOUT_S = 60.0  # preloading takes ~1 s; a loaded 2-core machine can take much longer
 # What the daemon process itself keeps of the environment of `moa daemon start`: what imports and
@@ -102,17 +104,24 @@ def start(path: str, args) -> int:
         try:
             daemon.wait(timeout=0.05)  # the poll interval, cut short if the daemon ends
         except subprocess.TimeoutExpired:
-            if time.monotonic() < deadline:
-                continue
-            daemon.kill()
-            daemon.wait()
+            pass
+        else:
+            if daemon.returncode != ANOTHER_DAEMON:  # else a concurrent start's daemon is coming up
+                print(f"moa: the daemon did not start: {_last_line(log_path)} (log: {log_path})",
+                      file=sys.stderr)
+                return 1
+            threading.Event().wait(0.05)
+        if time.monotonic() > deadline:
+            if daemon.returncode is None:
+                daemon.kill()
+                daemon.wait()
             print(f"moa: the daemon did not answer within {START_TIMEOUT_S:g} s; log: {log_path}",
                   file=sys.stderr)
             return 1
-        print(f"moa: the daemon did not start: {_last_line(log_path)} (log: {log_path})",
-              file=sys.stderr)
-        return 1
-    print(f"moa daemon: running (pid {running['pid']}) at {path}; exits after {args.idle:g} min idle")
+    if daemon.returncode == ANOTHER_DAEMON:
+        print(f"moa daemon: already running (pid {running['pid']}) at {path}")
+    else:
+        print(f"moa daemon: running (pid {running['pid']}) at {path}; exits after {args.idle:g} min idle")
     return 0
 
 

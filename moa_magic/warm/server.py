@@ -31,6 +31,8 @@ import time
 from . import client
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+ANOTHER_DAEMON = 3  # exit status: another daemon of this install holds the lock (a concurrent start)
+CANNOT_START = 4
 
 
 def preload() -> None:
@@ -377,15 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
             log("another daemon serves this install already")
-            return 3
+            return ANOTHER_DAEMON
         raise
     preload()
     if client.socket_path() != args.socket:
         log("this install changed while the daemon started; start it again")
-        return 3
+        return CANNOT_START
     if not fork_safe():
         log(f"preloading left {threading.active_count()} threads: cannot fork safely")
-        return 3
+        return CANNOT_START
     daemon = Daemon(_listen(args.socket), args.socket, args.idle * 60, [lock])
     gc.freeze()  # what is loaded now stays put: children do not copy its pages by touching them
     log(f"started; serving {args.socket}; exits after {args.idle:g} min idle")
