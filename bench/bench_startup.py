@@ -124,6 +124,28 @@ print(min(times) * 1000, statistics.median(times) * 1000)
 """
 
 
+# The modules a command imports that the daemon has not: each is imported again by every warm command.
+UNLOADED_SCRIPT = """\
+import atexit, subprocess, sys
+def report():
+    preloaded = subprocess.run([sys.executable, "-c", "import sys; from moa_magic.warm.server import "
+                                "preload; preload(); print(*sys.modules)"], capture_output=True,
+                               text=True, check=True).stdout.split()
+    print(*sorted(set(sys.modules) - set(preloaded) - {{"__main__"}}), file=sys.stderr)
+atexit.register(report)
+sys.argv = {argv!r}
+from moa_magic.cli import run_here
+run_here()
+"""
+
+
+def unloaded_modules(env: dict, layers: int, proposers: int) -> str:
+    argv = ["moa", "--preset", "fake", "-l", str(layers), "-p", "fake:m0", "--quiet", "-t", "0", "Q"]
+    done = subprocess.run([sys.executable, "-c", UNLOADED_SCRIPT.format(argv=argv)], env=env,
+                          capture_output=True, text=True, check=True)
+    return done.stderr.strip() or "none"
+
+
 def daemon(env: dict, action: str) -> None:
     subprocess.run([sys.executable, "-m", "moa_magic", "daemon", action], env=env, check=True,
                    stdout=subprocess.DEVNULL)
@@ -186,6 +208,7 @@ def main() -> int:
             daemon(env, "stop")
         forks = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True,
                                text=True, check=True).stdout.split()
+        unloaded = unloaded_modules(cold_env, args.layers, args.proposers)
         # `%load_ext` then at once the cell, and with the pause of a user running them as two cells
         cells = {pause: [first_cell(server, env, args.layers, args.proposers, pause)
                          for _ in range(max(1, args.runs // 2))] for pause in (0.0, 1.0)}
@@ -194,6 +217,7 @@ def main() -> int:
     print_rows(f"`moa` as a fresh process: {shape}", rows, floors)
     print_rows(f"`moa` forked from a warm `moa daemon`: {shape}", warm_rows)
     print(f"  {'fork in the daemon':24} best {float(forks[0]):6.1f} ms · median {float(forks[1]):6.1f} ms")
+    print(f"  {'imported after the fork':24} {unloaded}")
     for pause, runs in cells.items():
         print(f"first %%moa in a fresh IPython shell, {pause:.0f} s after %load_ext ({len(runs)} runs):")
         print(f"  {'cell start -> request':24} best {min(c[0] for c in runs) * 1000:6.1f} ms · median "

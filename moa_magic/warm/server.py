@@ -41,6 +41,8 @@ def preload() -> None:
     import importlib
 
     import aiohttp  # noqa: F401 - the bulk of a cold start: builds its TLS contexts at import
+    import platformdirs  # noqa: F401 - the request cache's location and store: modules only, no
+    import sqlite3  # noqa: F401 - connection is opened here (each child opens its own)
 
     from .. import catalog, cli, commands  # noqa: F401
     from ..accounting import estimate, meter, prices, tokens, usage  # noqa: F401
