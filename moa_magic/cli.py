@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2 if _save(args.save, result) is False else 0
 
 
-def entry() -> "NoReturn":
+def entry():
     """The `moa` command: in this install's warm daemon when one runs (`moa daemon start`), else here."""
     from .warm.client import run_warm
 
@@ -123,7 +123,7 @@ def entry() -> "NoReturn":
     _exit(code)
 
 
-def run_here() -> "NoReturn":
+def run_here():
     """`main`, then an exit that does not tear the interpreter down; the daemon's children run
     this too (moa_magic/warm/server.py), so a command behaves the same cold and warm.
 
@@ -139,7 +139,8 @@ def run_here() -> "NoReturn":
     _exit(code)
 
 
-def _exit(code: int) -> "NoReturn":
+def _exit(code: int):
+    """Run the exit handlers, flush stdout and stderr, and end the process with `code` (never returns)."""
     import atexit
     import os
 

@@ -41,8 +41,9 @@ def preload() -> None:
     import importlib
 
     import aiohttp  # noqa: F401 - the bulk of a cold start: builds its TLS contexts at import
-    import platformdirs  # noqa: F401 - the request cache's location and store: modules only, no
-    import sqlite3  # noqa: F401 - connection is opened here (each child opens its own)
+    # the request cache's location and store: modules only, each child opens its own connection
+    import platformdirs  # noqa: F401
+    import sqlite3  # noqa: F401
 
     from .. import catalog, cli, commands  # noqa: F401
     from ..accounting import estimate, meter, prices, tokens, usage  # noqa: F401
@@ -89,6 +90,8 @@ class Connection:
 
 
 class Daemon:
+    """The selectors loop: accept clients, fork a child per `run`, relay signals and exit statuses."""
+
     def __init__(self, listener: socket.socket, path: str, idle_s: float, kept_fds: list[int]):
         self.listener, self.path, self.idle_s = listener, path, idle_s
         self.kept_fds = kept_fds  # the lock file: children close it too
