@@ -20,7 +20,8 @@ def build_parser():
         epilog="Also: `moa cache info|clear` (the request cache), `moa replay PATH [--speed X]` "
                "(redraw a run saved with --save), `moa chat` (a conversation, one line per turn), "
                "`moa serve` (presets as an OpenAI-compatible API), `moa batch INPUT.jsonl|.csv "
-               "--out RESULTS.jsonl` (many prompts).",
+               "--out RESULTS.jsonl` (many prompts), `moa daemon start|stop|status` (a warm process: "
+               "later commands start in milliseconds).",
     )
     parser.add_argument("prompt", nargs="?", help="the prompt, or - to read it from standard input")
     for flags, kwargs in RUN_OPTIONS:
