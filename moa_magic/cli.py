@@ -124,23 +124,23 @@ def entry():
     _exit(code)
 
 
-def run_here():
+def run_here(before_exit=None):
     """`main`, then an exit that does not tear the interpreter down; the daemon's children run
-    this too (moa_magic/warm/server.py), so a command behaves the same cold and warm.
+    this too (moa_magic/warm/child.py), so a command behaves the same cold and warm.
 
     Freeing every module, aiohttp's and tiktoken's tables included, took 0.1-0.4 s after the answer
     was printed: longer than a whole layer on a fast provider. Exit handlers (the embedded server's
     shutdown, the run loop's) still run; what a run writes (cache, --save) is done before `main`
-    returns.
+    returns. `before_exit(code)` runs last, once the output is flushed.
     """
     try:
         code = main()
     except SystemExit as exc:  # argparse: a usage error (2), --help or --version (0)
         code = exc.code or 0
-    _exit(code)
+    _exit(code, before_exit)
 
 
-def _exit(code: int):
+def _exit(code: int, before_exit=None):
     """Run the exit handlers, flush stdout and stderr, and end the process with `code` (never returns)."""
     import atexit
     import os
@@ -151,6 +151,8 @@ def _exit(code: int):
             stream.flush()
         except (OSError, ValueError):  # a reader that went away, or a closed stream: nothing to add
             pass
+    if before_exit is not None:
+        before_exit(code)
     os._exit(code)
 
 

@@ -131,13 +131,15 @@ def stop(path: str, args) -> int:
         print("moa daemon: not running")
         return 0
     sock, line = answer
-    with sock:
+    try:
         running = int(line.split()[1])
         if running:
             print(f"moa daemon: stopping once {running} running command(s) have finished",
                   file=sys.stderr, flush=True)
         while sock.recv(256):  # the connection closes when the daemon process has ended
             pass
+    finally:
+        sock.close()
     print("moa daemon: stopped")
     return 0
 

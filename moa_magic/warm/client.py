@@ -1,16 +1,23 @@
 """The `moa` side of the warm process: find this install's daemon, hand it the command, relay
 signals, exit with the command's status.
 
-Standard library only, and nothing the cold path would not import anyway: when no daemon serves
-this install, `moa` pays for a fingerprint and one failed `stat` (`bench/bench_startup.py`).
+Nothing beyond what a bare `python` has loaded, apart from `_socket` (the C half of `socket`:
+`socket` itself builds enums at import, ~3 ms): this runs before every warm command, and when no
+daemon serves this install, `moa` pays for a fingerprint and one failed `stat`
+(`bench/bench_startup.py`). So no hashlib (the fingerprint is hashed with integer arithmetic), no
+json (the header is `marshal`, which the interpreter itself uses for bytecode) and no `signal`
+(`_signal` is what Python's start-up already imported).
 
 The protocol, on a Unix stream socket whose name carries the fingerprint (`socket_path`):
 - `run\\n` with four file descriptors (stdin, stdout, stderr, and the read end of a pipe that
-  carries the JSON header: argv, cwd, environment, umask, sys.path, stdio encodings). The daemon
-  itself never reads the header, so the client's environment (API keys) is only ever in the
-  child's memory. Then the client may send `signal N\\n` (Ctrl-C, SIGTERM, SIGHUP it received).
-  The daemon answers `started PID\\n` once it forked the child, and `exit STATUS\\n` when the child
-  ended. A connection that ends before `started` means nothing ran: the client runs cold.
+  carries the header: argv, cwd, environment, umask, sys.path, stdio encodings, marshalled; both
+  ends run the same interpreter, as the fingerprint makes sure). The daemon itself never reads
+  the header, so the client's environment (API keys) is only ever in the child's memory. Then the
+  client may send `signal N\\n` (Ctrl-C, SIGTERM, SIGHUP it received). The daemon answers
+  `started PID\\n` once a child took the command, and the child `exit STATUS\\n` as its last act
+  (the daemon too, when it reaps the child: the first one counts, and after a signal death only
+  the daemon's comes). A connection that ends before `started` means nothing ran: the client
+  runs cold.
 - `status\\n`: one JSON line (pid, uptime, runs served, idle timeout, RSS), then the daemon closes.
 - `stop\\n`: `stopping N\\n` (N commands still running), then the connection stays open until the
   daemon process has exited.
@@ -31,6 +38,7 @@ FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 # PYTHON* steer the interpreter): a daemon only serves clients whose values are the same.
 IMPORT_TIME_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR", "AIOHTTP_NOSENDFILE", "PYDANTIC_DISABLE_PLUGINS",
                    "LANG", "LC_ALL", "LC_CTYPE")
+FINGERPRINT_MODULUS = 2**61 - 1
 
 
 def supported() -> bool:
@@ -64,8 +72,6 @@ def fingerprint() -> str:
     package's files (an edited module makes older daemons unreachable; they end when idle) and the
     environment read at import. sys.path[0] is left out: it is the script's directory, or the
     working directory under `python -m`, and the child gets the client's sys.path anyway."""
-    import hashlib
-
     parts = [sys.executable, sys.version, repr(sys.path[1:]), repr(tuple(sys.flags)), PACKAGE_DIR]
     parts += sorted(f"{name}={value}" for name, value in os.environ.items()
                     if name in IMPORT_TIME_ENV or name.startswith("PYTHON")
@@ -81,7 +87,11 @@ def fingerprint() -> str:
                     stat = entry.stat()
                     parts.append(f"{entry.path}\0{stat.st_mtime_ns}\0{stat.st_size}")
     parts[5:] = sorted(parts[5:])
-    return hashlib.sha256("\n".join(parts).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    # The bytes as one number modulo a Mersenne prime (a polynomial hash): no hashlib to import
+    # (~4 ms). It need not resist forgery, only the 0700 run directory's owner makes sockets there;
+    # two installs share a name by chance with odds of about 2**-61.
+    number = int.from_bytes("\n".join(parts).encode("utf-8", "surrogateescape"), "big")
+    return f"{number % FINGERPRINT_MODULUS:016x}"
 
 
 def socket_path() -> str:
@@ -101,16 +111,19 @@ def run_warm(argv: list[str]) -> int | None:
     sock = _connect(path)
     if sock is None:
         return None
-    with sock:
+    try:
         return _relay(sock)
+    finally:
+        sock.close()
 
 
 def _connect(path: str):
-    import socket
+    """A `_socket.socket` connected to the daemon at `path`, or None."""
+    import _socket
 
-    if len(path) > MAX_SOCKET_PATH or not hasattr(socket, "send_fds"):
+    if len(path) > MAX_SOCKET_PATH or not hasattr(_socket, "SCM_RIGHTS"):
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except OSError:  # a socket left by a daemon that was killed
@@ -120,12 +133,14 @@ def _connect(path: str):
 
 
 def _relay(sock) -> int | None:
-    import signal
-    import socket
+    import _signal
+    import _socket
 
     header_in, header_out = os.pipe()
+    # what socket.send_fds sends, without importing socket (and array): the descriptors as C ints
+    fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, header_in))
     try:
-        socket.send_fds(sock, [b"run\n"], [0, 1, 2, header_in])
+        sock.sendmsg([b"run\n"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
     except OSError:  # a standard stream is closed (EBADF), or the daemon went away
         os.close(header_out)
         return None
@@ -138,24 +153,24 @@ def _relay(sock) -> int | None:
         except OSError:
             pass
 
-    handlers = {signum: signal.signal(signum, forward)
-                for signum in (getattr(signal, name) for name in FORWARDED_SIGNALS)}
+    handlers = {signum: _signal.signal(signum, forward)
+                for signum in (getattr(_signal, name) for name in FORWARDED_SIGNALS)}
     code = _wait_for_exit(sock, _header(), header_out)
     if code is None:  # nothing ran: the command runs here, with Python's own Ctrl-C
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            _signal.signal(signum, handler)
     return code
 
 
 def _header() -> bytes:
-    import json
+    import marshal
 
     umask = os.umask(0)
     os.umask(umask)
-    return json.dumps({
+    return marshal.dumps({
         "argv": sys.argv, "cwd": os.getcwd(), "environ": dict(os.environ), "umask": umask,
         "path": sys.path, "stdio": [_stream_spec(stream) for stream in (sys.stdin, sys.stdout, sys.stderr)],
-    }).encode()
+    })
 
 
 def _wait_for_exit(sock, header: bytes, header_out: int) -> int | None:
@@ -196,8 +211,8 @@ def _stream_spec(stream) -> dict | None:
 
 
 def ask(path: str, command: str) -> tuple[object, bytes] | None:
-    """Send `status` or `stop` to the daemon at `path`: (the open socket, its first line), or None
-    when no daemon answers there. The caller closes the socket."""
+    """Send `status` or `stop` to the daemon at `path`: (the open `_socket.socket`, its first line),
+    or None when no daemon answers there. The caller closes the socket."""
     try:
         os.stat(path)
     except OSError:

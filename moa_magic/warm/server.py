@@ -7,6 +7,8 @@ be interrupted without touching the daemon or other commands. For fork to be saf
 single-threaded and creates no event loop, aiohttp session, sqlite connection or worker thread
 (checked before every fork); it waits in a plain `selectors` loop on the listening socket, its
 clients and a self-pipe that signals (SIGCHLD, SIGTERM) wake it through `signal.set_wakeup_fd`.
+One child is forked ahead of time, the spare (warm/child.py): a client's descriptors are handed to
+it, and a new one is forked once a command has ended.
 
 Its log (stdout and stderr, in the run directory) holds lifecycle lines only: never a command's
 argv, environment or output (the child's stdio are the client's own file descriptors).
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 
-from . import client
+from . import child, client
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 ANOTHER_DAEMON = 3  # exit status: another daemon of this install holds the lock (a concurrent start)
@@ -97,7 +99,8 @@ class Daemon:
         self.kept_fds = kept_fds  # the lock file: children close it too
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
-        self.children: dict[int, Connection | None] = {}
+        self.children: dict[int, Connection | None] = {}  # commands running, by pid
+        self.spare: tuple[int, socket.socket] | None = None  # its pid, and the socket to hand off on
         self.started = time.monotonic()
         self.last_active = self.started
         self.runs_served = 0
@@ -112,6 +115,7 @@ class Daemon:
         self.selector.register(self.wake_in, selectors.EVENT_READ)
 
     def serve(self) -> None:
+        self._fork_spare()
         while not (self.stopping and not self.children):
             for key, _ in self.selector.select(self._timeout()):
                 if key.fileobj is self.listener:
@@ -164,7 +168,7 @@ class Daemon:
         word, _, value = line.partition(" ")
         if word == "run" and len(conn.fds) == 4 and conn.child is None and not self.stopping:
             fds, conn.fds = conn.fds, []
-            self._fork(conn, fds)
+            self._run(conn, fds)
         elif word == "signal" and conn.child is not None and value.isdigit():
             if int(value) in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 _kill(conn.child, int(value))
@@ -179,29 +183,57 @@ class Daemon:
         else:
             self._drop(conn)  # nothing ran: a `run` client goes on in its own process
 
-    def _fork(self, conn: Connection, fds: list[int]) -> None:
-        if not fork_safe():
-            log("refused a command: more than one thread (a bug); the client runs it itself")
-            for fd in fds:
-                os.close(fd)
-            self._drop(conn)
-            return
-        pid = os.fork()
-        if pid == 0:
-            try:
-                self._become_command(fds)
-            finally:
-                os._exit(70)  # never back into the daemon's loop, whatever happened
+    def _run(self, conn: Connection, fds: list[int]) -> None:
+        """Give the command to the spare, or else to a child forked for it."""
+        fds.append(os.dup(conn.sock.fileno()))  # the child's own, for its `exit STATUS`
+        spare, self.spare, pid = self.spare, None, None
+        if spare is not None:
+            if child.hand_off(spare[1], fds):
+                pid = spare[0]
+            spare[1].close()  # a spare that missed its hand-off sees the end, and exits
+        if pid is None:
+            pid = self._fork(lambda: child.become_command(fds))
         for fd in fds:
             os.close(fd)
+        if pid is None:
+            self._drop(conn)
+            return
         conn.child = pid
         self.children[pid] = conn
         self.runs_served += 1
         conn.send(f"started {pid}")
 
-    def _become_command(self, fds: list[int]) -> None:
-        """In the child: take over the client's stdio, environment, cwd, umask and argv, then run
-        the command as `moa` would (`cli.run_here` exits the process)."""
+    def _fork_spare(self) -> None:
+        """The next command's process, forked now rather than when its client comes. After a
+        command ended rather than when one starts: a fork then would take CPU from that command's
+        own start, and a shell runs one command after another."""
+        if self.spare is not None or self.stopping:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = self._fork(lambda: (ours.close(), child.wait_as_spare(theirs)))
+        theirs.close()
+        if pid is None:
+            ours.close()
+        else:
+            self.spare = (pid, ours)
+
+    def _fork(self, body) -> int | None:
+        """A child that leaves the daemon and runs `body` (which ends the process); None: not safe."""
+        if not fork_safe():
+            log("refused to fork: more than one thread (a bug); clients run their commands themselves")
+            return None
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._leave()
+                body()
+            finally:
+                os._exit(70)  # never back into the daemon's loop, whatever happened
+        return pid
+
+    def _leave(self) -> None:
+        """In a child: default signal handling, and none of the daemon's descriptors (sockets are
+        closed through their objects: a later garbage collection must not close a reused number)."""
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
@@ -209,41 +241,11 @@ class Daemon:
         self.selector.close()
         for conn in self.connections.values():
             conn.sock.close()
+            for fd in conn.fds:
+                os.close(fd)
         self.listener.close()
         for fd in (self.wake_in, self.wake_out, *self.kept_fds):
             os.close(fd)
-        *stdio, header_fd = fds
-        with open(header_fd, "rb") as pipe:
-            header = json.loads(pipe.read())
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-            os.close(fd)
-        _rebuild_stdio(header["stdio"])
-        os.environ.clear()
-        os.environ.update(header["environ"])
-        os.umask(header["umask"])
-        sys.argv, sys.path = header["argv"], header["path"]
-        try:
-            os.chdir(header["cwd"])
-        except OSError as exc:
-            print(f"moa: cannot enter the working directory {header['cwd']} ({exc.strerror})",
-                  file=sys.stderr, flush=True)
-            os._exit(1)
-        from ..cli import run_here
-
-        try:
-            run_here()
-        except KeyboardInterrupt:  # outside main's own handling, e.g. while parsing options
-            import traceback
-
-            traceback.print_exc()
-            sys.stderr.flush()
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)  # as Python ends on an uncaught Ctrl-C
-        except BaseException:  # noqa: BLE001 - a bug: the traceback a cold `moa` would print
-            sys.excepthook(*sys.exc_info())
-            sys.stderr.flush()
-            os._exit(1)
 
     def _on_signals(self) -> None:
         try:
@@ -255,19 +257,26 @@ class Daemon:
         self._reap()
 
     def _reap(self) -> None:
+        """Collect ended children; tell a command's client its status (the command's own `exit`
+        line came first unless a signal ended it), then fork the next spare."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            if self.spare is not None and pid == self.spare[0]:  # died waiting: replaced after a command
+                self.spare[1].close()
+                self.spare = None
+                continue
             code = os.waitstatus_to_exitcode(status)
             conn = self.children.pop(pid, None)
             self.last_active = time.monotonic()
             if conn is not None:
                 conn.send(f"exit {128 - code if code < 0 else code}")  # a signal: as a shell says
                 self._drop(conn)
+        self._fork_spare()
 
     def _drop(self, conn: Connection) -> None:
         """Close a client; a command whose client went away (killed) gets SIGHUP."""
@@ -287,6 +296,10 @@ class Daemon:
         if self.stopping:
             return
         self.stopping = reason
+        if self.spare is not None:  # it sees its socket close, and exits; the loop waits for it
+            pid, handoff = self.spare
+            handoff.close()
+            self.children[pid], self.spare = None, None
         self.selector.unregister(self.listener)
         self.listener.close()
         _unlink(self.path)
@@ -317,29 +330,6 @@ def _same_user(sock: socket.socket) -> bool:
         return True
     ucred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", ucred)[1] == os.getuid()
-
-
-def _rebuild_stdio(specs: list[dict | None]) -> None:
-    """sys.stdin/stdout/stderr on the client's descriptors as Python's start-up builds them:
-    the client's encoding and errors, line buffering on a tty (always for stderr), unbuffered
-    under -u / PYTHONUNBUFFERED (write_through)."""
-    import io
-
-    names = ("stdin", "stdout", "stderr")
-    for fd, (name, spec) in enumerate(zip(names, specs)):
-        if spec is None:
-            stream = None
-        else:
-            unbuffered = spec["write_through"] and fd != 0
-            binary = io.open(fd, "rb" if fd == 0 else "wb", buffering=0 if unbuffered else -1,
-                             closefd=False)
-            (binary if unbuffered else binary.raw).name = f"<{name}>"
-            stream = io.TextIOWrapper(binary, encoding=spec["encoding"], errors=spec["errors"],
-                                      newline="\n", line_buffering=spec["line_buffering"],
-                                      write_through=spec["write_through"])
-            stream.mode = "r" if fd == 0 else "w"
-        setattr(sys, name, stream)
-        setattr(sys, f"__{name}__", stream)
 
 
 def _rss_bytes() -> int | None:

@@ -1,0 +1,114 @@
+"""What a process forked by the daemon (warm/server.py) does once it has left the daemon's loop:
+wait as the spare for the next client, then become that client's command.
+
+Why a spare: forking a ~100 MB process, and in the child starting the worker loop and its HTTP
+session, took ~10 ms between a client's arrival and its first request. The daemon forks the next
+child ahead of time instead; it starts its worker thread there, after the fork (a fork copies only
+the calling thread, so the daemon itself never has one), and then only waits for a client's
+descriptors. Nothing it prepares depends on the client: the environment, working directory, umask
+and stdio are the client's from `become_command` on, as in a child forked for the command itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+HANDOFF_FDS = 5  # the client's stdin, stdout, stderr, its header's pipe, and the connection itself
+
+
+def wait_as_spare(handoff: socket.socket) -> None:
+    """Warm up, then take the next client's descriptors from the daemon (`hand_off`); the daemon
+    closing `handoff` instead means it stops: end without a command."""
+    from ..core.runner import warm_up
+
+    warm_up()
+    try:
+        _, fds, _, _ = socket.recv_fds(handoff, 16, HANDOFF_FDS)
+    except OSError:
+        fds = []
+    handoff.close()
+    if len(fds) != HANDOFF_FDS:
+        os._exit(0)
+    become_command(fds)
+
+
+def hand_off(handoff: socket.socket, fds: list[int]) -> bool:
+    """Send a client's descriptors (in `HANDOFF_FDS` order) to the spare; False if it is gone."""
+    try:
+        socket.send_fds(handoff, [b"run"], fds)
+    except OSError:
+        return False
+    return True
+
+
+def become_command(fds: list[int]) -> None:
+    """Take over the client's stdio, environment, cwd, umask and argv, then run the command as
+    `moa` would (`cli.run_here` exits the process), telling the client its status on the
+    connection before the exit itself: tearing down a large process takes several ms, which the
+    daemon's reap would otherwise add to every command."""
+    import marshal
+
+    *stdio, header_fd, connection = fds
+    with open(header_fd, "rb") as pipe:
+        header = marshal.loads(pipe.read())
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+        os.close(fd)
+    _rebuild_stdio(header["stdio"])
+    os.environ.clear()
+    os.environ.update(header["environ"])
+    os.umask(header["umask"])
+    sys.argv, sys.path = header["argv"], header["path"]
+    try:
+        os.chdir(header["cwd"])
+    except OSError as exc:
+        print(f"moa: cannot enter the working directory {header['cwd']} ({exc.strerror})",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+    from ..cli import run_here
+
+    def tell_client(code: int) -> None:
+        try:
+            os.write(connection, f"exit {code}\n".encode())
+        except OSError:  # the client is gone
+            pass
+
+    try:
+        run_here(before_exit=tell_client)
+    except KeyboardInterrupt:  # outside main's own handling, e.g. while parsing options
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)  # as Python ends on an uncaught Ctrl-C
+    except BaseException:  # noqa: BLE001 - a bug: the traceback a cold `moa` would print
+        sys.excepthook(*sys.exc_info())
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _rebuild_stdio(specs: list[dict | None]) -> None:
+    """sys.stdin/stdout/stderr on the client's descriptors as Python's start-up builds them:
+    the client's encoding and errors, line buffering on a tty (always for stderr), unbuffered
+    under -u / PYTHONUNBUFFERED (write_through)."""
+    import io
+
+    names = ("stdin", "stdout", "stderr")
+    for fd, (name, spec) in enumerate(zip(names, specs)):
+        if spec is None:
+            stream = None
+        else:
+            unbuffered = spec["write_through"] and fd != 0
+            binary = io.open(fd, "rb" if fd == 0 else "wb", buffering=0 if unbuffered else -1,
+                             closefd=False)
+            (binary if unbuffered else binary.raw).name = f"<{name}>"
+            stream = io.TextIOWrapper(binary, encoding=spec["encoding"], errors=spec["errors"],
+                                      newline="\n", line_buffering=spec["line_buffering"],
+                                      write_through=spec["write_through"])
+            stream.mode = "r" if fd == 0 else "w"
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
