@@ -1,13 +1,15 @@
 """The `moa` command: a thin front end over `moa_magic.run`.
 
-Only `sys` at the top: `entry` asks for a warm daemon (moa_magic/warm/) before anything else loads.
+Only `sys` and `functools` (both loaded by Python's own start-up) at the top: `entry` asks for a warm daemon (moa_magic/warm/) before anything else loads.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 
+@functools.cache  # built once per process: before forking, in the warm daemon
 def build_parser():
     import argparse
 

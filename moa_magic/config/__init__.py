@@ -10,6 +10,7 @@ preset.py, `[settings]` settings.py; the rules they share checks.py.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass, field
@@ -75,10 +76,7 @@ def user_config_path() -> Path | None:
 
 def load_config(path: str | Path | None = None) -> Config:
     """Built-in data, then the user's file (an explicit `path` wins over the search)."""
-    # beside the package's modules, read directly: importlib.resources would import zipfile (~10 ms)
-    # before the first request, for a package that is never imported from a zip
-    builtin_text = (Path(__file__).parent.parent / "builtin.toml").read_text("utf-8")
-    config = _merge(Config(providers={}, presets={}), _parse(builtin_text, BUILTIN), BUILTIN, user=False)
+    config = builtin_config()
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
@@ -96,6 +94,20 @@ def load_config(path: str | Path | None = None) -> Config:
             ) from None
         config = _merge(config, _parse(text, str(path)), str(path), user=True)
     return config
+
+
+def builtin_config() -> Config:
+    """builtin.toml, parsed once per version of the file (the warm daemon does it before forking)."""
+    # beside the package's modules, read directly: importlib.resources would import zipfile (~10 ms)
+    # before the first request, for a package that is never imported from a zip
+    path = Path(__file__).parent.parent / "builtin.toml"
+    return _parsed_builtin(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _parsed_builtin(path: Path, mtime_ns: int) -> Config:
+    data = _parse(path.read_text("utf-8"), BUILTIN)
+    return _merge(Config(providers={}, presets={}), data, BUILTIN, user=False)
 
 
 def _parse(text: str, where: str) -> dict:

@@ -17,14 +17,26 @@ import socket
 import sys
 
 HANDOFF_FDS = 5  # the client's stdin, stdout, stderr, its header's pipe, and the connection itself
+REHEARSAL_TIMEOUT_S = 5.0
+REHEARSAL_REPLY = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                   b'data: {"choices": [{"index": 0, "delta": {"content": "ok"}}]}\n\n'
+                   b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+                   b"data: [DONE]\n\n")
 
 
 def wait_as_spare(handoff: socket.socket) -> None:
     """Warm up, then take the next client's descriptors from the daemon (`hand_off`); the daemon
     closing `handoff` instead means it stops: end without a command."""
-    from ..core.runner import warm_up
+    import concurrent.futures
+
+    from ..core.runner import warm_up, worker
 
     warm_up()
+    try:
+        worker.submit(_rehearse_a_call()).result(timeout=REHEARSAL_TIMEOUT_S)
+    except (OSError, concurrent.futures.TimeoutError, ImportError) as exc:  # only slower without it
+        print(f"the spare's rehearsal failed ({type(exc).__name__}); commands start a little slower",
+              file=sys.stderr, flush=True)
     try:
         _, fds, _, _ = socket.recv_fds(handoff, 16, HANDOFF_FDS)
     except OSError:
@@ -33,6 +45,34 @@ def wait_as_spare(handoff: socket.socket) -> None:
     if len(fds) != HANDOFF_FDS:
         os._exit(0)
     become_command(fds)
+
+
+async def _rehearse_a_call() -> None:
+    """One streamed chat call through the HTTP client to a throwaway loopback listener: the first
+    request of a forked process took ~5 ms more than the next (memory pages copied on their first
+    write, parts of aiohttp built on first use); the spare pays that before a client waits."""
+    import asyncio
+
+    from ..config import Provider, RunSettings
+    from ..providers.client import CallError, stream_chat
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(REHEARSAL_REPLY)
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(answer, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/v1"
+        await stream_chat(Provider(name="rehearsal", base_url=url), url,
+                          {"model": "rehearsal", "messages": [{"role": "user", "content": "hi"}]},
+                          RunSettings(retries=0), on_delta=lambda text: None)
+    except CallError as exc:
+        raise OSError(str(exc)) from None
+    finally:
+        listener.close()
+        await listener.wait_closed()
 
 
 def hand_off(handoff: socket.socket, fds: list[int]) -> bool:

@@ -39,7 +39,8 @@ CANNOT_START = 4
 
 def preload() -> None:
     """Import everything a run imports, and build what the first request would otherwise wait for
-    (or what the meter loads beside it): both token encodings and genai-prices' price table."""
+    (or what the meter loads beside it): the `moa` parser, builtin.toml, both token encodings
+    and genai-prices' price table."""
     import importlib
 
     import aiohttp  # noqa: F401 - the bulk of a cold start: builds its TLS contexts at import
@@ -51,10 +52,13 @@ def preload() -> None:
     from ..accounting import estimate, meter, prices, tokens, usage  # noqa: F401
     from ..core import engine, replay, runner, saved  # noqa: F401
     from ..providers import cache, client as http_client, http  # noqa: F401
+    from ..config import builtin_config
     from ..render import parts, static, terminal  # noqa: F401
 
     for name in commands.SUBCOMMANDS:
         importlib.import_module(f"{commands.__name__}.{name}")
+    cli.build_parser()
+    builtin_config()
     for name in tokens.ENCODING_NAMES:
         tokens.get_encoding(name)
     prices.load_price_data()
