@@ -24,6 +24,7 @@ from .result import MoaResult, Status
 CANCEL_GRACE_S = 1.0
 
 _last_result: MoaResult | None = None
+_warmed_loop: asyncio.AbstractEventLoop | None = None  # the worker loop `warm_up` was sent to
 
 
 class _WorkerLoop:
@@ -134,8 +135,14 @@ def warm_up() -> None:
     Importing aiohttp (~0.15-0.3 s, much of it building its default TLS contexts, which releases
     the GIL) is most of what stands between a process start and its first request: the CLI and
     `%load_ext` call this first, so it happens while they still read options, config and plan.
+    Once per loop: waking the loop thread for nothing cost a warm command ~2 ms of waiting for
+    the GIL.
     """
-    worker.submit(_transport_ready())
+    global _warmed_loop
+    loop = worker.loop()
+    if loop is not _warmed_loop:
+        _warmed_loop = loop
+        worker.submit(_transport_ready())
 
 
 async def _transport_ready() -> None:

@@ -57,7 +57,8 @@ def preload() -> None:
 
     for name in commands.SUBCOMMANDS:
         importlib.import_module(f"{commands.__name__}.{name}")
-    cli.build_parser()
+    # the parser, and argparse's regular expressions in re's cache (it compiles some per parse)
+    cli.build_parser().parse_args(["--preset", "p", "-p", "a:b", "--quiet", "prompt"])
     builtin_config()
     for name in tokens.ENCODING_NAMES:
         tokens.get_encoding(name)
