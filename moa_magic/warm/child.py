@@ -1,10 +1,11 @@
 """What a process forked by the daemon (warm/server.py) does once it has left the daemon's loop:
 wait as the spare for the next client, then become that client's command.
 
-Why a spare: forking a ~100 MB process, and in the child starting the worker loop and its HTTP
-session, took ~10 ms between a client's arrival and its first request. The daemon forks the next
-child ahead of time instead; it starts its worker thread there, after the fork (a fork copies only
-the calling thread, so the daemon itself never has one), and then only waits for a client's
+Why a spare: forking a ~150 MB process, then in the child starting the worker loop and its HTTP
+session and making a first request (slower than any later one), put ~12 ms between a client's
+arrival and its first request. The daemon forks the next child ahead of time instead; that child
+starts its worker thread (after the fork: a fork copies only the calling thread, so the daemon
+itself never has one), rehearses one call on loopback, and then only waits for a client's
 descriptors. Nothing it prepares depends on the client: the environment, working directory, umask
 and stdio are the client's from `become_command` on, as in a child forked for the command itself.
 """
@@ -27,16 +28,16 @@ REHEARSAL_REPLY = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConne
 def wait_as_spare(handoff: socket.socket) -> None:
     """Warm up, then take the next client's descriptors from the daemon (`hand_off`); the daemon
     closing `handoff` instead means it stops: end without a command."""
-    import concurrent.futures
-
     from ..core.runner import warm_up, worker
 
     warm_up()
+    rehearsal = worker.submit(_rehearse_a_call())
     try:
-        worker.submit(_rehearse_a_call()).result(timeout=REHEARSAL_TIMEOUT_S)
-    except (OSError, concurrent.futures.TimeoutError, ImportError) as exc:  # only slower without it
-        print(f"the spare's rehearsal failed ({type(exc).__name__}); commands start a little slower",
-              file=sys.stderr, flush=True)
+        rehearsal.result(timeout=REHEARSAL_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - without it the command only starts a few ms later
+        rehearsal.cancel()
+        print(f"moa daemon [{os.getpid()}]: the spare's rehearsal failed ({type(exc).__name__}); "
+              f"commands start a few ms later", file=sys.stderr, flush=True)
     try:
         _, fds, _, _ = socket.recv_fds(handoff, 16, HANDOFF_FDS)
     except OSError:
@@ -54,7 +55,7 @@ async def _rehearse_a_call() -> None:
     import asyncio
 
     from ..config import Provider, RunSettings
-    from ..providers.client import CallError, stream_chat
+    from ..providers.client import stream_chat
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -68,8 +69,6 @@ async def _rehearse_a_call() -> None:
         await stream_chat(Provider(name="rehearsal", base_url=url), url,
                           {"model": "rehearsal", "messages": [{"role": "user", "content": "hi"}]},
                           RunSettings(retries=0), on_delta=lambda text: None)
-    except CallError as exc:
-        raise OSError(str(exc)) from None
     finally:
         listener.close()
         await listener.wait_closed()

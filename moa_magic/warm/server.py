@@ -215,7 +215,12 @@ class Daemon:
         if self.spare is not None or self.stopping:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        pid = self._fork(lambda: (ours.close(), child.wait_as_spare(theirs)))
+
+        def be_the_spare():
+            ours.close()
+            child.wait_as_spare(theirs)
+
+        pid = self._fork(be_the_spare)
         theirs.close()
         if pid is None:
             ours.close()
@@ -263,7 +268,9 @@ class Daemon:
 
     def _reap(self) -> None:
         """Collect ended children; tell a command's client its status (the command's own `exit`
-        line came first unless a signal ended it), then fork the next spare."""
+        line came first unless a signal ended it), then fork the next spare. A spare that died
+        waiting is replaced only after a command, so one that cannot start does not loop."""
+        command_ended = False
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -271,17 +278,19 @@ class Daemon:
                 break
             if pid == 0:
                 break
-            if self.spare is not None and pid == self.spare[0]:  # died waiting: replaced after a command
+            if self.spare is not None and pid == self.spare[0]:
                 self.spare[1].close()
                 self.spare = None
                 continue
             code = os.waitstatus_to_exitcode(status)
+            command_ended |= pid in self.children
             conn = self.children.pop(pid, None)
             self.last_active = time.monotonic()
             if conn is not None:
                 conn.send(f"exit {128 - code if code < 0 else code}")  # a signal: as a shell says
                 self._drop(conn)
-        self._fork_spare()
+        if command_ended:
+            self._fork_spare()
 
     def _drop(self, conn: Connection) -> None:
         """Close a client; a command whose client went away (killed) gets SIGHUP."""
