@@ -265,6 +265,28 @@ def test_a_killed_client_takes_its_command_with_it(daemon, client_env, chat_serv
     assert daemon.status()["served"] == 1
 
 
+def test_a_command_runs_in_the_spare_forked_before_it_came(daemon, client_env, chat_server):
+    """The daemon forks the next command's process ahead of time; the command takes it over
+    (no fork of its own), and the next spare is forked once the command has ended."""
+    pid = daemon.start()
+    [spare] = wait_until(lambda: children_of(pid), "the daemon forks its spare")
+    release = threading.Event()
+    chat_server.default_reply = Reply(pause_before={0: release})
+    client = subprocess.Popen([sys.executable, "-m", "moa_magic", "--preset", "fake", "--no-cache",
+                               "--quiet", QUESTION], env=client_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        chat_server.wait_for_requests(1, timeout=DEADLINE_S)
+        assert children_of(pid) == [spare]  # the command is the spare, and no spare meanwhile
+    finally:
+        release.set()
+        stdout, stderr = client.communicate(timeout=DEADLINE_S)
+    assert client.returncode == 0 and stdout == f"agg says: {QUESTION}\n".encode(), stderr
+    [following] = wait_until(lambda: [c for c in children_of(pid) if c != spare], "the next spare")
+    assert not alive(spare)
+    assert daemon.served() == 1
+
+
 def test_another_install_or_environment_runs_cold(daemon, client_env, tmp_path):
     """A daemon serves only clients with its fingerprint: the same package files (an edited
     module makes it unreachable), interpreter and import-time environment."""
