@@ -16,7 +16,7 @@ from moa_magic.render.sanitize import render
 from moa_magic.render.widgets import TreeRenderer
 
 from chat_server import Reply
-from helpers import FAKE_PRESET, FAKE_PROVIDER, HOSTILE, NO_RETRIES, assert_inert_html, dom_classes
+from helpers import FAKE_PRESET, FAKE_PROVIDER, HOSTILE, NO_RETRIES, assert_inert_html, dom_classes, wait_until
 
 WIDE_TOML = "\n".join([FAKE_PROVIDER, NO_RETRIES, FAKE_PRESET]) + """
 [presets.deep]
@@ -225,6 +225,46 @@ def test_header_ticks_while_running_and_stops(config, chat_server):
     n = len(values)
     time.sleep(0.3)
     assert len(values) == n  # no ticks after the end
+
+
+def test_a_paused_card_gets_its_counts_once_the_encodings_are_ready(config, chat_server, monkeypatch):
+    """In a fresh process the encodings are built beside the first requests. A proposer whose
+    stream pauses after its first chunk shows "in … / out …" until then (a 0 would be wrong), and
+    its figures as soon as the meter has them, not only at its next chunk."""
+    from moa_magic.accounting import tokens
+
+    encodings_go, resume_b, resume_a = threading.Event(), threading.Event(), threading.Event()
+    build = tokens.load_encoding
+
+    def held_build(name, data_dir=None):
+        encodings_go.wait(30)
+        return build(name, data_dir)
+
+    monkeypatch.setattr(tokens, "_encodings", {})  # as in a fresh process
+    monkeypatch.setattr(tokens, "load_encoding", held_build)
+    chat_server.script(model="a", reply=Reply(chunks=["Halves and ", "quarters."], pause_before={1: resume_a}))
+    chat_server.script(model="b", reply=Reply(chunks=["Number ", "lines."], pause_before={1: resume_b}))
+    plan, _ = runner.prepare("Q", preset="fake")
+    tree = TreeRenderer.for_plan(plan)
+    heads: list[str] = []
+    tree.nodes[(1, 0)].head.observe(lambda change: heads.append(change["new"]), names="value")
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(result=runner.run("Q", preset="fake", listeners=[tree])))
+    run.start()
+    try:
+        wait_until(lambda: "Halves" in tree.nodes[(1, 0)].text.value, "the first proposer's first chunk")
+        assert "in … / out … tok" in heads[-1] and "out 0" not in heads[-1], heads[-1]
+        encodings_go.set()
+        wait_until(lambda: tokens.loaded_encodings(), "the encodings built")
+        resume_b.set()  # an event after the encodings are ready: the meter settles every call
+        wait_until(lambda: re.search(r"in ≈?[1-9]\d* / out ≈?[1-9]\d* tok", heads[-1]),
+                   "the paused card's counts")
+        assert not chat_server.requests_for("agg")  # the first proposer was still paused
+    finally:
+        for event in (encodings_go, resume_b, resume_a):
+            event.set()
+        run.join(30)
+    assert outcome["result"].ok
 
 
 def test_for_result_renders_a_finished_run(config, chat_server):

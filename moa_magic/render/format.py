@@ -13,7 +13,12 @@ if TYPE_CHECKING:
 
 
 def tokens(record: CallRecord) -> str:
-    """'in 120 / out 45 tok'; '≈' marks counts from an approximate tokenizer; both shown if they differ."""
+    """'in 120 / out 45 tok'; '≈' marks counts from an approximate tokenizer; both shown if they differ.
+
+    'in … / out … tok' while the call streams before the meter could count it (its encodings load
+    beside the first requests, accounting/meter.py): a 0 there would be a wrong figure."""
+    if record.input_tokens is None and record.status == Status.STREAMING:
+        return "in … / out … tok"
     mark = approx_mark(record.counts_approximate)
     text = f"in {mark}{record.input_tokens or 0} / out {mark}{record.output_tokens} tok"
     reported = record.usage or {}

@@ -365,6 +365,19 @@ class TreeRenderer:
             # the elapsed time ticks ~4×/s even when nothing streams
             if now - self._header_push >= (self.interval if self._header_dirty else 0.25):
                 self._push_header(now)
+                self._refresh_heads()
+
+    def _refresh_heads(self) -> None:
+        """Rewrite the heads of streaming calls whose figures changed without an event of their
+        own: the meter fills in every call's counts at once when its encodings are ready, while a
+        call whose stream pauses would otherwise show "in … / out …" until its next chunk."""
+        for node in [*self.nodes.values(), self.final]:
+            record = node.record
+            if record is None or record.status != Status.STREAMING or node.dirty:
+                continue  # a dirty node gets its whole push soon anyway
+            head = (answer_head_html if node is self.final else card_head_html)(record, node.note)
+            if node.head.value != head:
+                node.head.value = head
 
     def _start_flusher(self) -> None:
         if self._flusher is not None:
