@@ -6,7 +6,8 @@ Runs `python -m moa_magic` as a fresh process (as a user's shell would) with eve
 after `--delay` seconds, and prints, best and median of `--runs`:
 
 - process start -> first request at the server (goal <= 150 ms): everything before the network,
-  beside the floor measured in the same run: a fresh interpreter that only imports aiohttp;
+  beside the floor measured in the same run: a fresh interpreter that only imports aiohttp (for
+  the cold command) or nothing (for the warm one);
 - last byte the server sent -> process exit: what lingers after the answer;
 - command wall / critical path (goal <= 1.10), the critical path being the sum over layers of
   the slowest call as the server saw it (its first request in, its last byte out).
@@ -99,12 +100,14 @@ def first_cell(server: ChatServer, env: dict, layers: int, proposers: int, pause
     return first - cell, (end - cell) / critical_path(requests, layers, proposers)
 
 
-def aiohttp_floor(env: dict) -> float:
-    """A fresh interpreter that only imports aiohttp: the least any aiohttp client takes to its
-    first request (aiohttp builds its TLS contexts at import, reading the CA bundle twice)."""
+def start_floor(env: dict, imports: str = "") -> float:
+    """A fresh interpreter that only imports `imports`: with "aiohttp", the least any aiohttp
+    client takes to its first request (aiohttp builds its TLS contexts at import, reading the CA
+    bundle twice); with nothing, the least any `moa` process takes, a warm one included (this
+    venv's editable-install hook is part of it: a regular install has none)."""
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", "import time, aiohttp; print(time.monotonic())"],
-                          env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", f"import time{imports and ', ' + imports}; "
+                           "print(time.monotonic())"], env=env, capture_output=True, text=True, check=True)
     return float(done.stdout) - started
 
 
@@ -151,17 +154,16 @@ def daemon(env: dict, action: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def print_rows(title: str, rows: list[tuple], floors: list[float] | None = None) -> None:
+def print_rows(title: str, rows: list[tuple], floor_label: str, floors: list[float]) -> None:
     print(title)
     for label, index, goal in (("start -> first request", 0, "goal <= 150 ms"),
                                ("last byte -> exit", 1, "")):
         values = [r[index] * 1000 for r in rows]
         print(f"  {label:24} best {min(values):6.1f} ms · median {statistics.median(values):6.1f} ms"
               + (f" ({goal})" if goal else ""))
-    if floors:
-        print(f"  {'python + import aiohttp':24} best {min(floors) * 1000:6.1f} ms · median "
-              f"{statistics.median(floors) * 1000:6.1f} ms (the floor: start -> first request / floor, "
-              f"median {statistics.median(r[0] for r in rows) / statistics.median(floors):.2f})")
+    print(f"  {floor_label:24} best {min(floors) * 1000:6.1f} ms · median "
+          f"{statistics.median(floors) * 1000:6.1f} ms (the floor: start -> first request / floor, "
+          f"median {statistics.median(r[0] for r in rows) / statistics.median(floors):.2f})")
     ratios = [r[2] for r in rows]
     print(f"  {'command wall / critical':24} best {min(ratios):6.3f}    · median "
           f"{statistics.median(ratios):6.3f}    (goal <= 1.10)")
@@ -199,11 +201,12 @@ def main() -> int:
         daemon(env, "start")
         try:
             one_command(server, env, args.layers, args.proposers)
-            rows, warm_rows, floors = [], [], []
+            rows, warm_rows, aiohttp_floors, python_floors = [], [], [], []
             for _ in range(args.runs):  # interleaved, so all see the same machine
                 rows.append(one_command(server, cold_env, args.layers, args.proposers))
                 warm_rows.append(one_command(server, env, args.layers, args.proposers))
-                floors.append(aiohttp_floor(env))
+                aiohttp_floors.append(start_floor(env, "aiohttp"))
+                python_floors.append(start_floor(env))
         finally:
             daemon(env, "stop")
         forks = subprocess.run([sys.executable, "-c", FORK_SCRIPT], env=env, capture_output=True,
@@ -214,8 +217,8 @@ def main() -> int:
                          for _ in range(max(1, args.runs // 2))] for pause in (0.0, 1.0)}
 
     shape = f"{args.layers} layers × {args.proposers} proposers, {args.delay * 1000:.0f} ms per call, {args.runs} runs"
-    print_rows(f"`moa` as a fresh process: {shape}", rows, floors)
-    print_rows(f"`moa` forked from a warm `moa daemon`: {shape}", warm_rows)
+    print_rows(f"`moa` as a fresh process: {shape}", rows, "python + import aiohttp", aiohttp_floors)
+    print_rows(f"`moa` forked from a warm `moa daemon`: {shape}", warm_rows, "python alone", python_floors)
     print(f"  {'fork in the daemon':24} best {float(forks[0]):6.1f} ms · median {float(forks[1]):6.1f} ms")
     print(f"  {'imported after the fork':24} {unloaded}")
     for pause, runs in cells.items():
