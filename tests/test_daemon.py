@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -448,3 +449,83 @@ def test_two_starts_at_once_give_one_daemon(daemon, client_env):
     daemon.pids |= pids
     assert pids == {daemon.status()["pid"]}
     assert any("already running" in out for out, _ in outputs)
+
+
+IMPOSTOR = """\
+import os, socket, sys
+os.setuid(int(sys.argv[2]))  # after start-up: the interpreter may live where that user cannot read
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(8)
+print("ready", flush=True)
+while True:
+    conn, _ = listener.accept()
+    data, fds, _, _ = socket.recv_fds(conn, 65536, 16)
+    for fd in fds:
+        os.close(fd)
+    conn.close()
+    if data == b"END":
+        break
+    if data or fds:  # a client that connected, saw who listens and left sent nothing
+        print(f"got {len(data)} bytes and {len(fds)} descriptors", flush=True)
+"""
+
+
+def impostor_gets(path: Path, run, user: int) -> list[str]:
+    """What a listener at `path` (bound as `user`, then moved there) receives while `run()` runs."""
+    staging = Path(tempfile.mkdtemp(prefix="moa-other-"))
+    try:
+        os.chown(staging, user, -1)
+        listener = subprocess.Popen([sys.executable, "-c", IMPOSTOR, str(staging / "s"), str(user)],
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            assert listener.stdout.readline() == "ready\n"
+            os.rename(staging / "s", path)
+            run()
+            with socket.socket(socket.AF_UNIX) as sentinel:  # queued behind whatever the client sent
+                sentinel.connect(str(path))
+                sentinel.sendall(b"END")
+            return listener.communicate(timeout=DEADLINE_S)[0].splitlines()
+        finally:
+            if listener.poll() is None:
+                listener.kill()
+                listener.wait()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root: plays another user")
+def test_a_socket_of_another_user_gets_nothing_and_the_command_runs_cold(daemon, client_env, runtime_dir):
+    """Another user who can write to a shared XDG_RUNTIME_DIR binds the socket name of our install:
+    the client sends it neither the command, nor its terminal, nor its keys (it runs cold). Each
+    layer is checked alone: the run directory's owner, the socket file's owner, the listening peer."""
+    nobody = 65534
+    path = Path(daemon.command("status").stdout.rpartition("listen at ")[2].rstrip(")\n"))
+    folder = path.parent
+    os.chmod(runtime_dir, 0o711)  # as a shared runtime directory is
+    run = ["--preset", "fake", "--no-cache", "--quiet", QUESTION]
+    env = dict(client_env, MOA_TEST_KEY="sk-victim-key")
+
+    def command_runs_cold():
+        done = moa(*run, env=env)
+        assert done.returncode == 0 and done.stdout == f"agg says: {QUESTION}\n".encode(), done.stderr
+
+    def reset(owner: int):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o700)
+        os.chown(folder, owner, -1)
+
+    reset(nobody)  # the other user made our run directory
+    assert impostor_gets(path, command_runs_cold, nobody) == []
+    reset(0)  # ours, but the socket file is theirs
+    assert impostor_gets(path, command_runs_cold, nobody) == []
+    reset(0)  # ours, the file made ours too: only the peer's credentials tell
+    assert impostor_gets(path, lambda: (os.lchown(path, 0, 0), command_runs_cold()), nobody) == []
+    # a symbolic link for the run directory, to a private directory with a listener of ours
+    shutil.rmtree(folder)
+    target = Path(runtime_dir) / "elsewhere"
+    target.mkdir(mode=0o700)
+    folder.symlink_to(target)
+    assert impostor_gets(target / path.name, command_runs_cold, 0) == []
+    done = daemon.command("start")
+    assert done.returncode == 2 and "symbolic link" in done.stderr and len(done.stderr.splitlines()) == 1

@@ -62,8 +62,8 @@ def main(argv: list[str]) -> int:
             raise MoaUserError("moa daemon needs fork and Unix sockets (Linux, macOS, BSD); here every "
                                "command runs in its own process.")
         path = client.socket_path()
-        if len(path) > client.MAX_SOCKET_PATH:
-            raise MoaUserError(f"the daemon's socket path {path} is {len(path)} bytes, over the "
+        if len(os.fsencode(path)) > client.MAX_SOCKET_PATH:
+            raise MoaUserError(f"the daemon's socket path {path} is {len(os.fsencode(path))} bytes, over the "
                                f"{client.MAX_SOCKET_PATH} a Unix socket allows: set XDG_RUNTIME_DIR "
                                f"to a shorter directory.")
         return {"start": start, "stop": stop, "status": status}[args.action](path, args)
@@ -92,8 +92,11 @@ def start(path: str, args) -> int:
     env = {name: value for name, value in os.environ.items()
            if name in KEPT_ENV or name in client.IMPORT_TIME_ENV or name.startswith(("PYTHON", "LC_"))
            or name.endswith("_NO_EXTENSIONS")}
-    with open(log_path, "ab") as log:
-        os.chmod(log_path, 0o600)
+    try:  # not through a symbolic link someone put there
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise MoaUserError(f"cannot open the daemon's log {log_path} ({exc.strerror})") from None
+    with open(log_fd, "ab") as log:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "moa_magic.warm", "--socket", path, "--idle", repr(args.idle)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/", env=env,
@@ -158,15 +161,18 @@ def status(path: str, args) -> int:
 
 
 def _private_folder(folder: str) -> None:
-    """The run directory, 0700 and ours: nobody else may connect to (or replace) a socket in it."""
+    """The run directory, 0700 and ours: nobody else may connect to (or replace) a socket in it.
+    Clients check the same (warm/client.py `_connect`)."""
+    import stat
+
     from ..errors import MoaUserError
 
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
-        info = os.stat(folder)
-        if info.st_uid != os.getuid():
-            raise MoaUserError(f"{folder} belongs to another user: set XDG_RUNTIME_DIR to a directory "
-                               f"of your own.")
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise MoaUserError(f"{folder} is not a directory of your own (another user's, or a "
+                               f"symbolic link): set XDG_RUNTIME_DIR to a directory of your own.")
         if info.st_mode & 0o077:
             os.chmod(folder, 0o700)
     except OSError as exc:

@@ -103,12 +103,7 @@ def run_warm(argv: list[str]) -> int | None:
     of this install, disabled, unsupported, or the daemon went away before starting it)."""
     if disabled() or not supported() or (argv and argv[0] == "daemon"):
         return None
-    path = socket_path()
-    try:
-        os.stat(path)
-    except (OSError, ValueError):  # none running; ValueError: a NUL in the environment's paths
-        return None
-    sock = _connect(path)
+    sock = _connect(socket_path())
     if sock is None:
         return None
     try:
@@ -118,18 +113,45 @@ def run_warm(argv: list[str]) -> int | None:
 
 
 def _connect(path: str):
-    """A `_socket.socket` connected to the daemon at `path`, or None."""
+    """A `_socket.socket` connected to this user's daemon at `path`, or None: none runs there, or
+    what listens there is not ours. The command's keys and terminal go through this socket, so the
+    run directory must be a real directory of ours that nobody else can enter, the socket file ours,
+    and the process at the other end ours (SO_PEERCRED): else another user could have put it there."""
     import _socket
+    import stat
 
-    if len(path) > MAX_SOCKET_PATH or not hasattr(_socket, "SCM_RIGHTS"):
+    uid = os.getuid()
+    try:
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH or not hasattr(_socket, "SCM_RIGHTS"):
+            return None
+        folder, socket_file = os.lstat(os.path.dirname(path)), os.lstat(path)
+    except (OSError, ValueError):  # none running; ValueError: a NUL in the environment's paths
+        return None
+    if not (stat.S_ISDIR(folder.st_mode) and folder.st_uid == uid and not folder.st_mode & 0o077
+            and stat.S_ISSOCK(socket_file.st_mode) and socket_file.st_uid == uid):
         return None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
+        if _peer_uid(sock) == uid:
+            return sock
     except OSError:  # a socket left by a daemon that was killed
-        sock.close()
+        pass
+    sock.close()
+    return None
+
+
+def _peer_uid(sock) -> int | None:
+    """The uid of the process that listens on a connected Unix socket, or None where we cannot ask."""
+    import _socket
+
+    if hasattr(_socket, "SO_PEERCRED"):  # Linux: struct ucred {pid, uid, gid}
+        credentials = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    elif hasattr(_socket, "LOCAL_PEERCRED"):  # macOS, FreeBSD: struct xucred {version, uid, ...}
+        credentials = sock.getsockopt(0, _socket.LOCAL_PEERCRED, 76)  # level 0: SOL_LOCAL
+    else:
         return None
-    return sock
+    return int.from_bytes(credentials[4:8], sys.byteorder)
 
 
 def _relay(sock) -> int | None:
@@ -213,10 +235,6 @@ def _stream_spec(stream) -> dict | None:
 def ask(path: str, command: str) -> tuple[object, bytes] | None:
     """Send `status` or `stop` to the daemon at `path`: (the open `_socket.socket`, its first line),
     or None when no daemon answers there. The caller closes the socket."""
-    try:
-        os.stat(path)
-    except OSError:
-        return None
     sock = _connect(path)
     if sock is None:
         return None

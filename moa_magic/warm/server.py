@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True)
     parser.add_argument("--idle", type=float, required=True, help="minutes")
     args = parser.parse_args(argv)
-    lock = os.open(args.socket[:-len(".sock")] + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(args.socket[:-len(".sock")] + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                   0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
