@@ -529,3 +529,61 @@ def test_a_socket_of_another_user_gets_nothing_and_the_command_runs_cold(daemon,
     assert impostor_gets(target / path.name, command_runs_cold, 0) == []
     done = daemon.command("start")
     assert done.returncode == 2 and "symbolic link" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def raw_run(path: str, argv: list[str], env: dict, then: bytes = b"", stdin: int | None = None) -> socket.socket:
+    """A client speaking the protocol itself (warm/client.py): `run` with `stdin` (else /dev/null),
+    stdout and stderr on /dev/null and `then` in the same message, the header already in its pipe."""
+    import marshal
+
+    spec = {"encoding": "utf-8", "errors": "strict", "line_buffering": False, "write_through": False}
+    header = marshal.dumps({"argv": ["moa", *argv], "cwd": "/", "environ": env, "umask": 0o022,
+                            "path": sys.path, "stdio": [spec] * 3})
+    header_in, header_out = os.pipe()
+    os.write(header_out, header)
+    os.close(header_out)
+    null = os.open(os.devnull, os.O_RDWR)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.connect(path)
+        socket.send_fds(sock, [b"run\n" + then], [null if stdin is None else stdin, null, null, header_in])
+    finally:
+        os.close(null)
+        os.close(header_in)
+    return sock
+
+
+def exit_status(sock: socket.socket, deadline: float) -> int | None:
+    """The first `exit N` the client is told, or None if the connection ends (or the deadline
+    passes) without one."""
+    received = b""
+    try:
+        while time.monotonic() < deadline:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            if not (data := sock.recv(4096)):
+                break
+            received += data
+    except TimeoutError:
+        pass
+    sock.close()
+    found = re.findall(rb"^exit (\d+)$", received, re.M)
+    return int(found[0]) if found else None
+
+
+def test_a_signal_right_after_run_ends_the_command_and_not_the_daemon(daemon, client_env):
+    """The client's Ctrl-C or SIGTERM may reach a child the moment it is forked, before it has
+    left the daemon's signal handling: the command must end by it, the daemon must not. The
+    commands wait on a stdin that never comes, so only the signal can end them."""
+    pid = daemon.start()
+    path = daemon.status()["socket"]
+    signums = [signal.SIGTERM, signal.SIGINT] * 10
+    silent_in, silent_out = os.pipe()
+    try:
+        clients = [raw_run(path, ["--preset", "fake", "--quiet", "-"], client_env,
+                           f"signal {signum}\n".encode(), stdin=silent_in) for signum in signums]
+        deadline = time.monotonic() + DEADLINE_S
+        assert [exit_status(sock, deadline) for sock in clients] == [128 + signum for signum in signums]
+    finally:
+        os.close(silent_in)
+        os.close(silent_out)  # what still runs (a lost signal) reads the end of its stdin
+    assert alive(pid) and daemon.served() == len(signums)

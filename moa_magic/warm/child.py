@@ -120,6 +120,7 @@ def become_command(fds: list[int]) -> None:
             pass
 
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python's own start-up does
         run_here(before_exit=tell_client)
     except KeyboardInterrupt:  # outside main's own handling, e.g. while parsing options
         import traceback

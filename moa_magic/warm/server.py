@@ -33,6 +33,7 @@ import time
 from . import child, client
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+HANDLED_SIGNALS = (signal.SIGCHLD, *STOP_SIGNALS)
 ANOTHER_DAEMON = 3  # exit status: another daemon of this install holds the lock (a concurrent start)
 CANNOT_START = 4
 
@@ -114,7 +115,7 @@ class Daemon:
         for fd in (self.wake_in, self.wake_out):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self.wake_out)
-        for signum in (signal.SIGCHLD, *STOP_SIGNALS):
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, _note_signal)  # a Python handler, so the wakeup fd hears of it
         self.selector.register(self.listener, selectors.EVENT_READ)
         self.selector.register(self.wake_in, selectors.EVENT_READ)
@@ -232,22 +233,29 @@ class Daemon:
         if not fork_safe():
             log("refused to fork: more than one thread (a bug); clients run their commands themselves")
             return None
-        pid = os.fork()
-        if pid == 0:
-            try:
-                self._leave()
-                body()
-            finally:
-                os._exit(70)  # never back into the daemon's loop, whatever happened
+        # Until the child has its own handlers, a signal sent to it (a client's Ctrl-C right after
+        # `run`) would run the daemon's handler there and wake the daemon's loop instead: blocked,
+        # it waits for the child's handlers.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    self._leave()
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+                    body()
+                finally:
+                    os._exit(70)  # never back into the daemon's loop, whatever happened
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         return pid
 
     def _leave(self) -> None:
         """In a child: default signal handling, and none of the daemon's descriptors (sockets are
         closed through their objects: a later garbage collection must not close a reused number)."""
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+        for signum in HANDLED_SIGNALS:  # Ctrl-C too: Python's KeyboardInterrupt from the command on
             signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
         self.selector.close()
         for conn in self.connections.values():
             conn.sock.close()
