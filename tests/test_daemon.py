@@ -36,9 +36,9 @@ aggregator = "fakekey:agg"
 """
 
 
-def moa(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
+def moa(*args: str, env: dict, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "moa_magic", *args], env=env, capture_output=True,
-                          timeout=120, **kwargs)
+                          timeout=timeout, **kwargs)
 
 
 def wait_until(condition, what: str, timeout: float = DEADLINE_S):
@@ -95,8 +95,8 @@ class Daemon:
             assert "not running for this install" in done.stdout
             return None
         assert done.returncode == 0, done.stderr
-        found = re.search(r"\(pid (\d+)\) at (\S+)\n.* (\d+) commands served", done.stdout)
-        return {"pid": int(found[1]), "socket": found[2], "served": int(found[3])}
+        found = re.search(r"\(pid (\d+)\) at (\S+)\n.* (\d+) commands? served · (\d+) running", done.stdout)
+        return {"pid": int(found[1]), "socket": found[2], "served": int(found[3]), "running": int(found[4])}
 
     def served(self, env: dict | None = None) -> int:
         return self.status(env)["served"]
@@ -546,7 +546,9 @@ def raw_run(path: str, argv: list[str], env: dict, then: bytes = b"", stdin: int
     sock = socket.socket(socket.AF_UNIX)
     try:
         sock.connect(path)
-        socket.send_fds(sock, [b"run\n" + then], [null if stdin is None else stdin, null, null, header_in])
+        sock.sendall(b"run\n")
+        assert sock.recv(6) == b"ready\n"
+        socket.send_fds(sock, [b"fds\n" + then], [null if stdin is None else stdin, null, null, header_in])
     finally:
         os.close(null)
         os.close(header_in)
@@ -587,3 +589,21 @@ def test_a_signal_right_after_run_ends_the_command_and_not_the_daemon(daemon, cl
         os.close(silent_in)
         os.close(silent_out)  # what still runs (a lost signal) reads the end of its stdin
     assert alive(pid) and daemon.served() == len(signums)
+
+
+def test_a_stopped_daemon_makes_commands_run_cold_and_never_late(daemon, client_env, chat_server):
+    """A daemon that does not answer (here SIGSTOPped) costs a command a few seconds, then it runs
+    cold; once the daemon goes on, it does not run that command a second time."""
+    pid = daemon.start()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        done = moa("--preset", "fake", "--no-cache", "--quiet", QUESTION, env=client_env, timeout=DEADLINE_S)
+        assert done.returncode == 0 and done.stdout == f"agg says: {QUESTION}\n".encode(), done.stderr
+        requests = len(chat_server.chat_requests)
+        assert requests > 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # the daemon goes on with the abandoned connection first (one queue), without running it
+    assert moa("--version", env=client_env).returncode == 0
+    assert daemon.served() == 1
+    assert len(chat_server.chat_requests) == requests and alive(pid)

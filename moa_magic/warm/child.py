@@ -93,7 +93,10 @@ def become_command(fds: list[int]) -> None:
 
     *stdio, header_fd, connection = fds
     with open(header_fd, "rb") as pipe:
-        header = marshal.loads(pipe.read())
+        header = pipe.read()
+    if not header:  # the client gave up waiting for `started` and runs the command itself
+        os._exit(0)
+    header = marshal.loads(header)
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
         os.close(fd)

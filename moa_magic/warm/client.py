@@ -9,7 +9,8 @@ json (the header is `marshal`, which the interpreter itself uses for bytecode) a
 (`_signal` is what Python's start-up already imported).
 
 The protocol, on a Unix stream socket whose name carries the fingerprint (`socket_path`):
-- `run\\n` with four file descriptors (stdin, stdout, stderr, and the read end of a pipe that
+- `run\\n`, answered `ready\\n` (a hung daemon never gets the client's terminal), then `fds\\n`
+  with four file descriptors (stdin, stdout, stderr, and the read end of a pipe that
   carries the header: argv, cwd, environment, umask, sys.path, stdio encodings, marshalled; both
   ends run the same interpreter, as the fingerprint makes sure). The daemon itself never reads
   the header, so the client's environment (API keys) is only ever in the child's memory. Then the
@@ -33,6 +34,9 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sizeof(sockaddr_un.sun_path) minus its terminating NUL
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 FORWARDED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+# How long a client waits for the daemon to take its command before running it itself: forking
+# takes milliseconds, so only a hung (or SIGSTOPped) daemon makes a command wait this long.
+START_TIMEOUT_S = 3.0
 # Environment read at import by the modules the daemon preloads (aiohttp's TLS contexts read the CA
 # bundle, the *_NO_EXTENSIONS switches pick C or Python code, the locale sets default encodings,
 # PYTHON* steer the interpreter): a daemon only serves clients whose values are the same.
@@ -154,34 +158,92 @@ def _peer_uid(sock) -> int | None:
     return int.from_bytes(credentials[4:8], sys.byteorder)
 
 
+class _SignalBeforeStart(BaseException):
+    """Ctrl-C, SIGTERM or SIGHUP before the daemon said `started`: nothing has run, nothing will."""
+
+
 def _relay(sock) -> int | None:
+    """Hand the command over and relay until it ends; None: the daemon did not take it in time
+    (it went away, or hangs, e.g. stopped with SIGSTOP), and nothing ran: the command runs here.
+    The header is the commit point: it is written only once the daemon said `started`, and a child
+    whose header pipe ends empty exits without running anything."""
     import _signal
     import _socket
 
-    header_in, header_out = os.pipe()
-    # what socket.send_fds sends, without importing socket (and array): the descriptors as C ints
-    fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, header_in))
-    try:
-        sock.sendmsg([b"run\n"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-    except OSError:  # a standard stream is closed (EBADF), or the daemon went away
-        os.close(header_out)
-        return None
-    finally:
-        os.close(header_in)
+    state = {"started": False}
 
     def forward(signum, frame):
+        if not state["started"]:
+            raise _SignalBeforeStart(signum)
         try:
             sock.sendall(f"signal {signum}\n".encode())
         except OSError:
             pass
 
+    header = _header()
     handlers = {signum: _signal.signal(signum, forward)
                 for signum in (getattr(_signal, name) for name in FORWARDED_SIGNALS)}
-    code = _wait_for_exit(sock, _header(), header_out)
-    if code is None:  # nothing ran: the command runs here, with Python's own Ctrl-C
-        for signum, handler in handlers.items():
-            _signal.signal(signum, handler)
-    return code
+    header_in, header_out = os.pipe()
+    try:
+        # what socket.send_fds sends, without importing socket (and array): the descriptors as C ints
+        fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, header_in))
+        sock.settimeout(START_TIMEOUT_S)
+        lines = _lines(sock)
+        try:
+            sock.sendall(b"run\n")
+            if next(lines, "") != "ready":  # a daemon that went away or hangs gets no descriptor
+                return _restored(handlers, None)
+            sock.sendmsg([b"fds\n"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        except OSError:  # a standard stream is closed (EBADF), or the daemon went away
+            return _restored(handlers, None)
+        finally:
+            os.close(header_in)
+        if not next(lines, "").startswith("started "):
+            return _restored(handlers, None)
+        state["started"] = True
+        sock.settimeout(None)
+        with open(header_out, "wb", closefd=False) as pipe:
+            pipe.write(header)
+    except _SignalBeforeStart as interrupted:
+        _restored(handlers, None)
+        _signal.raise_signal(interrupted.args[0])  # as it would have ended a cold `moa`
+        return None
+    except OSError:  # the child is gone before reading its header
+        pass
+    finally:
+        os.close(header_out)
+    for line in lines:
+        word, _, value = line.partition(" ")
+        if word == "exit":
+            return int(value)
+    print("moa: the warm process (`moa daemon`) went away before the command ended; run it "
+          "again, or with MOA_MAGIC_DAEMON=off.", file=sys.stderr)
+    return 1
+
+
+def _restored(handlers: dict, value):
+    """Python's own signal handling back (the command runs here); `value`."""
+    import _signal
+
+    for signum, handler in handlers.items():
+        _signal.signal(signum, handler)
+    return value
+
+
+def _lines(sock):
+    """The daemon's lines as they come, until the connection ends (or a recv times out)."""
+    buffer = b""
+    while True:
+        while b"\n" in buffer:
+            line, _, buffer = buffer.partition(b"\n")
+            yield line.decode("ascii", "replace")
+        try:
+            data = sock.recv(256)
+        except OSError:  # TimeoutError included
+            return
+        if not data:
+            return
+        buffer += data
 
 
 def _header() -> bytes:
@@ -195,35 +257,6 @@ def _header() -> bytes:
     })
 
 
-def _wait_for_exit(sock, header: bytes, header_out: int) -> int | None:
-    """Write the header to the child's pipe, then wait for `exit STATUS` (None: nothing started)."""
-    try:
-        with open(header_out, "wb") as pipe:
-            pipe.write(header)
-    except OSError:  # the daemon closed the pipe unread: it went away before forking
-        pass
-    started, buffer = False, b""
-    while True:
-        try:
-            data = sock.recv(256)
-        except OSError:
-            data = b""
-        if not data:
-            if not started:
-                return None
-            print("moa: the warm process (`moa daemon`) went away before the command ended; run it "
-                  "again, or with MOA_MAGIC_DAEMON=off.", file=sys.stderr)
-            return 1
-        buffer += data
-        while b"\n" in buffer:
-            line, _, buffer = buffer.partition(b"\n")
-            word, _, value = line.decode().partition(" ")
-            if word == "started":
-                started = True
-            elif word == "exit":
-                return int(value)
-
-
 def _stream_spec(stream) -> dict | None:
     """How Python set this standard stream up, so the child builds its own the same way."""
     if stream is None:
@@ -232,7 +265,7 @@ def _stream_spec(stream) -> dict | None:
             "line_buffering": stream.line_buffering, "write_through": stream.write_through}
 
 
-def ask(path: str, command: str) -> tuple[object, bytes] | None:
+def ask(path: str, command: str) -> tuple[object, str] | None:
     """Send `status` or `stop` to the daemon at `path`: (the open `_socket.socket`, its first line),
     or None when no daemon answers there. The caller closes the socket."""
     sock = _connect(path)
@@ -240,15 +273,13 @@ def ask(path: str, command: str) -> tuple[object, bytes] | None:
         return None
     try:
         sock.sendall(f"{command}\n".encode())
-        line = b""
-        while not line.endswith(b"\n"):
-            data = sock.recv(4096)
-            if not data:
-                break
-            line += data
     except OSError:
-        line = b""
-    if not line.endswith(b"\n"):
         sock.close()
         return None
+    sock.settimeout(START_TIMEOUT_S)
+    line = next(_lines(sock), None)
+    if line is None:
+        sock.close()
+        return None
+    sock.settimeout(None)
     return sock, line

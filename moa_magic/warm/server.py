@@ -172,7 +172,9 @@ class Daemon:
 
     def _on_line(self, conn: Connection, line: str) -> None:
         word, _, value = line.partition(" ")
-        if word == "run" and len(conn.fds) == 4 and conn.child is None and not self.stopping:
+        if word == "run" and conn.child is None and not self.stopping:
+            conn.send("ready")  # the client's descriptors come only now: never to a hung daemon
+        elif word == "fds" and len(conn.fds) == 4 and conn.child is None and not self.stopping:
             fds, conn.fds = conn.fds, []
             self._run(conn, fds)
         elif word == "signal" and conn.child is not None and value.isdigit():
