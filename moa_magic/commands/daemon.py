@@ -154,7 +154,7 @@ def status(path: str, args) -> int:
         return 1
     rss = running["rss_bytes"]
     print(f"moa daemon: running (pid {running['pid']}) at {path}\n"
-          f"  up {_duration(running['uptime_s'])} · {running['runs_served']} commands served · "
+          f"  up {_duration(running['uptime_s'])} · {running['runs_served']} command{'s' * (running['runs_served'] != 1)} served · "
           f"{running['running']} running · exits after {running['idle_min']:g} min idle · "
           f"RSS {'?' if rss is None else f'{rss / 2**20:.0f} MB'}")
     return 0
