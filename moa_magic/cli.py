@@ -132,30 +132,55 @@ def run_here(before_exit=None):
 
     Freeing every module, aiohttp's and tiktoken's tables included, took 0.1-0.4 s after the answer
     was printed: longer than a whole layer on a fast provider. Exit handlers (the embedded server's
-    shutdown, the run loop's) still run; what a run writes (cache, --save) is done before `main`
-    returns. `before_exit(code)` runs last, once the output is flushed.
+    shutdown, the run loop's) still run, also after a crash, as Python's own exit would run them;
+    what a run writes (cache, --save) is done before `main` returns. `before_exit(code)` runs last,
+    once the output is flushed.
     """
     try:
         code = main()
     except SystemExit as exc:  # argparse: a usage error (2), --help or --version (0)
         code = exc.code or 0
+    except KeyboardInterrupt:  # outside main's own handling, e.g. while parsing options
+        import traceback
+
+        traceback.print_exc()
+        _run_exit_handlers()
+        _die_by_sigint()
+    except BaseException:  # noqa: BLE001 - a bug: the traceback Python would print, then exit 1
+        sys.excepthook(*sys.exc_info())
+        code = 1
     _exit(code, before_exit)
 
 
 def _exit(code: int, before_exit=None):
     """Run the exit handlers, flush stdout and stderr, and end the process with `code` (never returns)."""
-    import atexit
     import os
+
+    _run_exit_handlers()
+    if before_exit is not None:
+        before_exit(code)
+    os._exit(code)
+
+
+def _run_exit_handlers() -> None:
+    import atexit
 
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):  # a reader that went away, or a closed stream: nothing to add
+        except (OSError, ValueError, AttributeError):  # a reader that went away, a closed or no stream
             pass
-    if before_exit is not None:
-        before_exit(code)
-    os._exit(code)
+
+
+def _die_by_sigint():
+    """End as Python ends on an uncaught Ctrl-C: killed by SIGINT, which the shell sees."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(130)  # SIGINT blocked: the status the shell would show
 
 
 def _save(path: str | None, result) -> bool | None:

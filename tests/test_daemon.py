@@ -607,3 +607,35 @@ def test_a_stopped_daemon_makes_commands_run_cold_and_never_late(daemon, client_
     assert moa("--version", env=client_env).returncode == 0
     assert daemon.served() == 1
     assert len(chat_server.chat_requests) == requests and alive(pid)
+
+
+CRASHING_SITECUSTOMIZE = """\
+import atexit, sys
+import moa_magic.cli
+
+def crashing_main(run=moa_magic.cli.main):
+    if sys.argv[1:2] != ["crash-for-test"]:
+        return run()
+    kind, marker = sys.argv[2:4]
+    atexit.register(lambda: open(marker, "w").write("exit handlers ran"))  # an embedded server's shutdown
+    raise KeyboardInterrupt if kind == "interrupt" else RuntimeError("a bug in a command")
+
+moa_magic.cli.main = crashing_main
+"""
+
+
+@pytest.mark.parametrize("kind", ["bug", "interrupt"])
+def test_a_crashing_warm_command_runs_its_exit_handlers_as_a_cold_one(kind, daemon, client_env, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(CRASHING_SITECUSTOMIZE)
+    env = dict(client_env, PYTHONPATH=os.pathsep.join([str(tmp_path), client_env["PYTHONPATH"]]))
+    daemon.env = env
+    daemon.start()
+    outcomes = []
+    for mode in ("off", "on"):
+        marker = tmp_path / f"atexit-{mode}"
+        done = moa("crash-for-test", kind, str(marker), env=dict(env, MOA_MAGIC_DAEMON=mode), text=True)
+        as_the_shell_sees = 128 - done.returncode if done.returncode < 0 else done.returncode
+        outcomes.append((as_the_shell_sees, done.stderr.splitlines()[-1:], marker.exists()))
+    assert daemon.served() == 1
+    assert outcomes[0] == outcomes[1], outcomes
+    assert outcomes[1][2], outcomes

@@ -122,20 +122,8 @@ def become_command(fds: list[int]) -> None:
         except OSError:  # the client is gone
             pass
 
-    try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python's own start-up does
-        run_here(before_exit=tell_client)
-    except KeyboardInterrupt:  # outside main's own handling, e.g. while parsing options
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)  # as Python ends on an uncaught Ctrl-C
-    except BaseException:  # noqa: BLE001 - a bug: the traceback a cold `moa` would print
-        sys.excepthook(*sys.exc_info())
-        sys.stderr.flush()
-        os._exit(1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python's own start-up does
+    run_here(before_exit=tell_client)
 
 
 def _rebuild_stdio(specs: list[dict | None]) -> None:
