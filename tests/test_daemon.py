@@ -639,3 +639,27 @@ def test_a_crashing_warm_command_runs_its_exit_handlers_as_a_cold_one(kind, daem
     assert daemon.served() == 1
     assert outcomes[0] == outcomes[1], outcomes
     assert outcomes[1][2], outcomes
+
+
+def test_a_killed_daemon_takes_its_running_command_with_it(daemon, client_env, chat_server):
+    pid = daemon.start()
+    chat_server.default_reply = Reply(hang=True)
+    client = subprocess.Popen([sys.executable, "-m", "moa_magic", "--preset", "fake", "--no-cache",
+                               QUESTION], env=client_env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    command = None
+    try:
+        chat_server.wait_for_requests(1, timeout=DEADLINE_S)
+        [command] = children_of(pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(command), "the command ends with its daemon")
+        _, stderr = client.communicate(timeout=DEADLINE_S)
+    finally:
+        if command is not None and alive(command):  # an orphan: the fixture no longer finds it
+            os.kill(command, signal.SIGKILL)
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 1
+    assert stderr.splitlines()[-1].startswith("moa: the warm process (`moa daemon`) went away"), stderr
+    chat_server.wait_idle(timeout=DEADLINE_S)  # and its requests were dropped

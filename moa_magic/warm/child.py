@@ -25,6 +25,21 @@ REHEARSAL_REPLY = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConne
                    b"data: [DONE]\n\n")
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_the_daemon(daemon_pid: int) -> None:
+    """In a child just forked: the daemon's death sends it SIGHUP (Linux), as a closed terminal
+    ends a cold `moa`; a command left running would be an orphan nobody waits for (an embedded
+    llama server, a paid run). A daemon that died before the request is seen in the parent's pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGHUP)
+    if os.getppid() != daemon_pid:
+        os._exit(0)
+
+
 def wait_as_spare(handoff: socket.socket) -> None:
     """Warm up, then take the next client's descriptors from the daemon (`hand_off`); the daemon
     closing `handoff` instead means it stops: end without a command."""

@@ -239,11 +239,13 @@ class Daemon:
         # `run`) would run the daemon's handler there and wake the daemon's loop instead: blocked,
         # it waits for the child's handlers.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        daemon_pid = os.getpid()
         try:
             pid = os.fork()
             if pid == 0:
                 try:
                     self._leave()
+                    child.end_with_the_daemon(daemon_pid)
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
                     body()
                 finally:
