@@ -113,7 +113,7 @@ def start_floor(env: dict, imports: str = "") -> float:
 
 FORK_SCRIPT = """\
 import os, statistics, time
-from moa_magic.warm.server import preload
+from moa_magic.warm.preload import preload
 preload()
 times = []
 for _ in range(20):
@@ -131,7 +131,7 @@ print(min(times) * 1000, statistics.median(times) * 1000)
 UNLOADED_SCRIPT = """\
 import atexit, subprocess, sys
 def report():
-    preloaded = subprocess.run([sys.executable, "-c", "import sys; from moa_magic.warm.server import "
+    preloaded = subprocess.run([sys.executable, "-c", "import sys; from moa_magic.warm.preload import "
                                 "preload; preload(); print(*sys.modules)"], capture_output=True,
                                text=True, check=True).stdout.split()
     print(*sorted(set(sys.modules) - set(preloaded) - {{"__main__"}}), file=sys.stderr)
