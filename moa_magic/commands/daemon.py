@@ -89,9 +89,8 @@ def start(path: str, args) -> int:
     folder = os.path.dirname(path)
     _private_folder(folder)
     log_path = path[:-len(".sock")] + ".log"
-    env = {name: value for name, value in os.environ.items()
-           if name in KEPT_ENV or name in client.IMPORT_TIME_ENV or name.startswith(("PYTHON", "LC_"))
-           or name.endswith("_NO_EXTENSIONS")}
+    env = {**client.import_time_env(),
+           **{name: value for name, value in os.environ.items() if name in KEPT_ENV or name.startswith("LC_")}}
     try:  # not through a symbolic link someone put there
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as exc:

@@ -71,15 +71,20 @@ def run_dir() -> str:
     return os.path.join(user_cache_dir(), "run")
 
 
+def import_time_env() -> dict[str, str]:
+    """The variables of this environment that the preloaded modules read at import."""
+    return {name: value for name, value in os.environ.items()
+            if name in IMPORT_TIME_ENV or name.startswith("PYTHON") or name.endswith("_NO_EXTENSIONS")}
+
+
 def fingerprint() -> str:
     """What a command's process would import and how: the interpreter, its flags and path, this
     package's files (an edited module makes older daemons unreachable; they end when idle) and the
     environment read at import. sys.path[0] is left out: it is the script's directory, or the
     working directory under `python -m`, and the child gets the client's sys.path anyway."""
     parts = [sys.executable, sys.version, repr(sys.path[1:]), repr(tuple(sys.flags)), PACKAGE_DIR]
-    parts += sorted(f"{name}={value}" for name, value in os.environ.items()
-                    if name in IMPORT_TIME_ENV or name.startswith("PYTHON")
-                    or name.endswith("_NO_EXTENSIONS"))
+    parts += sorted(f"{name}={value}" for name, value in import_time_env().items())
+    files = []
     folders = [PACKAGE_DIR]
     while folders:
         with os.scandir(folders.pop()) as entries:
@@ -89,8 +94,8 @@ def fingerprint() -> str:
                         folders.append(entry.path)
                 else:
                     stat = entry.stat()
-                    parts.append(f"{entry.path}\0{stat.st_mtime_ns}\0{stat.st_size}")
-    parts[5:] = sorted(parts[5:])
+                    files.append(f"{entry.path}\0{stat.st_mtime_ns}\0{stat.st_size}")
+    parts += sorted(files)
     # The bytes as one number modulo a Mersenne prime (a polynomial hash): no hashlib to import
     # (~4 ms). It need not resist forgery, only the 0700 run directory's owner makes sockets there;
     # two installs share a name by chance with odds of about 2**-61.
